@@ -1,0 +1,1 @@
+"""smart: a hedging proxy in front of one unreliable upstream endpoint."""

@@ -1,0 +1,156 @@
+"""Every setting of smart, its default, unit and reason, in one place.
+
+Settings come only from ``SMART_*`` environment variables. This module imports
+nothing from the rest of the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+PRODUCTION_UPSTREAM_URL = "https://exponea-engineering-assignment.appspot.com/api/work"
+
+
+class ConfigError(ValueError):
+    """A setting from the environment is missing its rule; the message names it."""
+
+
+def _setting(default: Any, doc: str, *, minimum: float | None = None) -> Any:
+    return field(default=default, metadata={"doc": doc, "minimum": minimum})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The effective configuration of one worker. Units are in the names."""
+
+    upstream_url: str = _setting(
+        PRODUCTION_UPSTREAM_URL,
+        "URL of the upstream endpoint that every attempt GETs.",
+    )
+    hedge_delay_ms: int = _setting(
+        300, "Start the hedges this long after attempt 1 if it has not succeeded.", minimum=0
+    )
+    hedge_fanout: int = _setting(
+        2, "How many extra attempts a hedge starts (0 turns hedging off).", minimum=0
+    )
+    max_timeout_ms: int = _setting(
+        60_000, "Largest `timeout` a client may ask for; larger is a 400.", minimum=1
+    )
+    connect_timeout_ms: int = _setting(
+        1_000, "Limit on opening one upstream connection.", minimum=1
+    )
+    attempt_timeout_ms: int = _setting(
+        3_000,
+        "Limit on one whole attempt when the client gave no `timeout` "
+        "(5x the upstream's slowest normal answer; beyond it the attempt is hung).",
+        minimum=1,
+    )
+    max_body_bytes: int = _setting(
+        16_384, "Largest upstream body accepted; a longer one is a failed attempt.", minimum=16
+    )
+    max_in_flight: int = _setting(
+        512,
+        "Requests to /api/smart one worker serves at once; beyond it a 503 is immediate.",
+        minimum=1,
+    )
+    retry_after_s: int = _setting(1, "Retry-After sent with a 503.", minimum=0)
+    hedge_budget_ratio: float = _setting(
+        0.0,
+        "Cap hedged attempts at this share of first attempts over the window "
+        "(0 = no budget: always hedge, as the contract asks).",
+        minimum=0,
+    )
+    hedge_budget_window_s: int = _setting(
+        10, "Sliding window over which the hedge budget is counted.", minimum=1
+    )
+    hedge_budget_min_per_s: float = _setting(
+        1.0,
+        "Hedged attempts per second always allowed, so a quiet worker can still hedge.",
+        minimum=0,
+    )
+    log_level: str = _setting("INFO", "Level of the application's JSON log.")
+    log_requests: bool = _setting(True, "Write one JSON line per /api/smart request.")
+
+    @property
+    def hedge_delay_s(self) -> float:
+        return self.hedge_delay_ms / 1000
+
+    @property
+    def connect_timeout_s(self) -> float:
+        return self.connect_timeout_ms / 1000
+
+    @property
+    def attempt_timeout_s(self) -> float:
+        return self.attempt_timeout_ms / 1000
+
+    @property
+    def attempts_per_request(self) -> int:
+        return 1 + self.hedge_fanout
+
+    @property
+    def max_upstream_in_flight(self) -> int:
+        """Upstream attempts one worker can have open at once: the pool's size."""
+        return self.max_in_flight * self.attempts_per_request
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            minimum = f.metadata["minimum"]
+            if minimum is not None and (
+                not math.isfinite(value) or value < minimum
+            ):
+                raise ConfigError(f"{env_name(f.name)} must be >= {minimum}, got {value!r}")
+        parts = urlsplit(self.upstream_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"SMART_UPSTREAM_URL must be an absolute http(s) URL, got {self.upstream_url!r}"
+            )
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(f"SMART_LOG_LEVEL must be a logging level, got {self.log_level!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every ``SMART_*`` variable; unset ones keep their default."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(env_name(f.name))
+            if raw is None or raw.strip() == "":
+                continue
+            values[f.name] = _parse(env_name(f.name), raw.strip(), type(f.default))
+        return cls(**values)
+
+    def public(self) -> dict[str, Any]:
+        """The settings as plain data, for the start-up log line."""
+        return dataclasses.asdict(self)
+
+
+def env_name(field_name: str) -> str:
+    return "SMART_" + field_name.upper()
+
+
+def describe() -> list[tuple[str, Any, str]]:
+    """(variable, default, doc) for every setting: the README's table is this list."""
+    return [
+        (env_name(f.name), f.default, f.metadata["doc"]) for f in dataclasses.fields(Settings)
+    ]
+
+
+def _parse(name: str, raw: str, kind: type) -> Any:
+    if kind is bool:
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got {raw!r}")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
