@@ -1,0 +1,196 @@
+"""The hedging algorithm on gevent primitives: who starts when, who wins, who is killed.
+
+It knows attempts only as a callable returning an ``Outcome``; it imports no Flask,
+no requests and records no metrics (the caller does, from the ``HedgeResult``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import gevent
+from gevent import Greenlet
+
+from smart.outcome import Kind, Outcome
+
+#: How long the kill of one request's leftover attempts may take. A killed attempt
+#: only has to unwind out of a socket call and close it; if it has not died by then it
+#: is left to die alone rather than hold up the response.
+KILL_GRACE_S = 1.0
+
+#: ``attempt(number, t0)``: run attempt ``number`` (1-based) of a request that began
+#: at ``t0`` (``time.monotonic``) and return how it ended. It must not raise.
+Attempt = Callable[[int, float], Outcome]
+
+#: ``permit(wanted)``: how many of ``wanted`` hedges may start now (a budget).
+Permit = Callable[[int], int]
+
+
+class Spawner(Protocol):
+    def spawn(self, func: Callable[..., Any], *args: Any) -> Greenlet: ...
+
+
+class Trigger:
+    """Why the hedges started."""
+
+    DELAY = "delay"  # attempt 1 had not succeeded within the hedge delay
+    EARLY_FAILURE = "early_failure"  # attempt 1 failed before the hedge delay
+
+
+@dataclass(frozen=True, slots=True)
+class HedgeResult:
+    """Everything one hedged request did, for the response, the log and the metrics."""
+
+    winner: Outcome | None
+    outcomes: tuple[Outcome, ...]  # every started attempt, by attempt number
+    trigger: str | None  # a Trigger value, or None when no hedge started
+    hedges_suppressed: int  # hedges the permit refused
+    elapsed_s: float
+
+    @property
+    def attempts_started(self) -> int:
+        return len(self.outcomes)
+
+    @property
+    def cancelled(self) -> int:
+        return sum(1 for o in self.outcomes if o.kind is Kind.CANCELLED)
+
+
+class HedgeError(Exception):
+    """No attempt succeeded; ``result`` says what each one did."""
+
+    def __init__(self, result: HedgeResult) -> None:
+        super().__init__(result)
+        self.result = result
+
+
+class DeadlineExceeded(HedgeError):
+    """The request's deadline passed before any attempt succeeded."""
+
+
+class AllAttemptsFailed(HedgeError):
+    """Every attempt that could be started has failed."""
+
+
+def hedge(
+    attempt: Attempt,
+    *,
+    pool: Spawner,
+    hedge_delay_s: float,
+    fanout: int,
+    deadline_s: float | None,
+    permit: Permit | None = None,
+    t0: float | None = None,
+) -> HedgeResult:
+    """Run attempt 1 now and ``fanout`` more at the hedge delay or at its failure.
+
+    Returns as soon as one attempt succeeds; raises ``AllAttemptsFailed`` the moment
+    no attempt is left running and none is left to start, and ``DeadlineExceeded``
+    when ``deadline_s`` (seconds after ``t0``) passes first. Either way every attempt
+    still running is killed, and its socket closed, before this returns.
+    """
+    run = _Run(attempt, pool, time.monotonic() if t0 is None else t0)
+    deadline = gevent.Timeout(None if deadline_s is None else max(0.0, deadline_s - run.now()))
+    failure: type[HedgeError] | None = None
+    winner: Outcome | None = None
+    try:
+        deadline.start()
+        winner = run.until_decided(hedge_delay_s, fanout, permit)
+        if winner is None:
+            failure = AllAttemptsFailed
+    except gevent.Timeout as expired:
+        if expired is not deadline:
+            raise
+        failure = DeadlineExceeded
+    finally:
+        deadline.close()
+        run.cancel_leftovers()
+    result = HedgeResult(
+        winner=winner,
+        outcomes=tuple(sorted(run.outcomes, key=lambda o: o.attempt)),
+        trigger=run.trigger,
+        hedges_suppressed=run.suppressed,
+        elapsed_s=run.now(),
+    )
+    if failure is not None:
+        raise failure(result)
+    return result
+
+
+class _Run:
+    """The mutable state of one ``hedge`` call."""
+
+    def __init__(self, attempt: Attempt, pool: Spawner, t0: float) -> None:
+        self.attempt = attempt
+        self.pool = pool
+        self.t0 = t0
+        self.running: dict[Greenlet, tuple[int, float]] = {}  # greenlet -> (number, start)
+        self.outcomes: list[Outcome] = []
+        self.trigger: str | None = None
+        self.suppressed = 0
+        self.started = 0
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def start(self, count: int) -> None:
+        for _ in range(count):
+            self.started += 1
+            greenlet = self.pool.spawn(self.attempt, self.started, self.t0)
+            self.running[greenlet] = (self.started, self.now())
+
+    def until_decided(self, hedge_delay_s: float, fanout: int, permit: Permit | None) -> Outcome | None:
+        """Wait for attempts until one succeeds (returned) or all failed (None)."""
+        self.start(1)
+        hedged = fanout == 0
+        while self.running:
+            timeout = None if hedged else max(0.0, hedge_delay_s - self.now())
+            ready = gevent.wait(list(self.running), timeout=timeout, count=1)
+            if not ready:  # the hedge delay passed with attempt 1 still running
+                self.fire(Trigger.DELAY, fanout, permit)
+                hedged = True
+                continue
+            outcome = self.finish(ready[0])
+            if outcome.ok:
+                return outcome
+            if not hedged:
+                # A failed attempt 1 cannot succeed any more; waiting out the delay
+                # would only add latency (gRPC hedging does the same).
+                self.fire(Trigger.EARLY_FAILURE, fanout, permit)
+                hedged = True
+        return None
+
+    def fire(self, trigger: str, fanout: int, permit: Permit | None) -> None:
+        allowed = fanout if permit is None else max(0, min(fanout, permit(fanout)))
+        self.suppressed += fanout - allowed
+        if allowed:
+            self.trigger = trigger
+            self.start(allowed)
+
+    def finish(self, greenlet: Greenlet) -> Outcome:
+        number, started = self.running.pop(greenlet)
+        outcome = _outcome_of(greenlet, number, started, self.now())
+        self.outcomes.append(outcome)
+        return outcome
+
+    def cancel_leftovers(self) -> None:
+        leftovers = list(self.running)
+        if not leftovers:
+            return
+        # Kill only this request's greenlets: the pool is shared by every request of
+        # the worker. Bounded, because a kill is a request, not a guarantee.
+        gevent.killall(leftovers, block=False)
+        gevent.joinall(leftovers, timeout=KILL_GRACE_S)
+        for greenlet in leftovers:
+            self.finish(greenlet)
+
+
+def _outcome_of(greenlet: Greenlet, number: int, started: float, now: float) -> Outcome:
+    if greenlet.dead and greenlet.successful() and isinstance(greenlet.value, Outcome):
+        return greenlet.value  # finished on its own, possibly just before the kill
+    if greenlet.dead and greenlet.exception is not None:
+        return Outcome(number, Kind.ERROR, started, now - started, detail=repr(greenlet.exception))
+    return Outcome(number, Kind.CANCELLED, started, now - started)

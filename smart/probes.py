@@ -1,0 +1,33 @@
+"""Endpoints for the platform, not for clients: liveness and readiness.
+
+They never touch the upstream and are never shed by admission control.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app
+
+from smart.runtime import Runtime
+
+bp = Blueprint("probes", __name__)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    """Alive: the worker's loop is turning. Nothing else is checked, on purpose."""
+    return _json(200, b'{"status":"ok"}')
+
+
+@bp.get("/readyz")
+def readyz() -> Response:
+    """Ready for new traffic: false from SIGTERM on, while in-flight requests finish."""
+    runtime: Runtime = current_app.extensions["smart"]
+    if runtime.draining:
+        return _json(503, b'{"status":"draining"}')
+    return _json(200, b'{"status":"ready"}')
+
+
+def _json(status: int, body: bytes) -> Response:
+    response = Response(body, status, mimetype="application/json")
+    response.headers["Cache-Control"] = "no-store"
+    return response

@@ -1,0 +1,49 @@
+"""The per-worker runtime: everything a request needs that outlives one request.
+
+Built by the app factory inside each worker (after the fork and after gevent's
+patching) and kept in ``app.extensions["smart"]``; never a module global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gevent.pool import Pool
+
+from smart.admission import HedgeBudget, InFlightLimiter
+from smart.config import Settings
+from smart.telemetry import Telemetry
+from smart.upstream import UpstreamClient
+
+
+@dataclass(slots=True)
+class Runtime:
+    settings: Settings
+    client: UpstreamClient
+    pool: Pool  # every upstream attempt of this worker runs in it; its size is the cap
+    limiter: InFlightLimiter
+    budget: HedgeBudget | None
+    telemetry: Telemetry
+    draining: bool = field(default=False)
+
+    @classmethod
+    def build(cls, settings: Settings) -> Runtime:
+        budget = None
+        if settings.hedge_budget_ratio > 0:
+            budget = HedgeBudget(
+                settings.hedge_budget_ratio,
+                settings.hedge_budget_window_s,
+                settings.hedge_budget_min_per_s,
+            )
+        return cls(
+            settings=settings,
+            client=UpstreamClient(settings),
+            pool=Pool(settings.max_upstream_in_flight),
+            limiter=InFlightLimiter(settings.max_in_flight),
+            budget=budget,
+            telemetry=Telemetry(settings.log_requests),
+        )
+
+    def close(self) -> None:
+        self.pool.kill(block=True, timeout=1)
+        self.client.close()

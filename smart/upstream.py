@@ -1,0 +1,174 @@
+"""The upstream client: one HTTP attempt in, one ``Outcome`` out, never an exception.
+
+Owns the worker's ``requests.Session`` and decides what counts as success. Knows
+nothing of hedging or Flask.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from http.cookiejar import DefaultCookiePolicy
+
+import gevent
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import (
+    HTTPError as Urllib3HTTPError,
+)
+from urllib3.exceptions import (
+    NameResolutionError,
+    NewConnectionError,
+)
+from urllib3.exceptions import (
+    ReadTimeoutError as Urllib3ReadTimeout,
+)
+
+from smart.config import Settings
+from smart.outcome import Kind, Outcome
+
+ATTEMPT_HEADER = "X-Smart-Attempt"
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
+def is_valid_payload(body: bytes) -> bool:
+    """True for a JSON object whose ``time`` is a non-negative integer (not a bool).
+
+    RFC 8259 requires UTF-8 between systems, so anything else is rejected rather than
+    guessed at, and the body can be passed through to the client byte for byte.
+    """
+    try:
+        payload = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    if not isinstance(payload, dict):
+        return False
+    value = payload.get("time")
+    return type(value) is int and value >= 0
+
+
+class UpstreamClient:
+    """Makes single attempts against the upstream over one shared ``Session``.
+
+    Create one per worker process, after the fork: a session made before it would
+    share sockets between workers.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.session = requests.Session()
+        # Hedging is the retry policy, proxies and .netrc are not ours to pick up from
+        # the environment, and upstream cookies must not leak between clients.
+        self.session.trust_env = False
+        self.session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+        # pool_block=False: a killed greenlet waiting for a blocking pool slot corrupts
+        # the pool's count (urllib3#805). The hedger's Pool caps concurrency instead;
+        # the pool keeps that many idle keep-alive connections for reuse.
+        adapter = HTTPAdapter(
+            pool_connections=1,
+            pool_maxsize=settings.max_upstream_in_flight,
+            max_retries=0,
+            pool_block=False,
+        )
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        # Prepared once: Session.request's per-call merging of environment, cookies
+        # and hooks is most of the client's CPU cost.
+        self._template = requests.Request(
+            "GET", settings.upstream_url, headers={"Accept": "application/json"}
+        ).prepare()
+
+    def close(self) -> None:
+        self.session.close()
+
+    def fetch_once(
+        self,
+        number: int,
+        t0: float,
+        request_id: str,
+        limit_s: float | None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Outcome:
+        """Attempt ``number`` of request ``request_id``, which started at ``t0``.
+
+        ``limit_s`` bounds the whole attempt (connect, headers and body): requests'
+        own timeout applies to each socket operation, not to the total.
+        """
+        started = time.monotonic()
+        prepared = self._template.copy()
+        prepared.headers[REQUEST_ID_HEADER] = request_id
+        prepared.headers[ATTEMPT_HEADER] = str(number)
+        if headers:
+            prepared.headers.update(headers)
+        timer = gevent.Timeout(limit_s)
+        status: int | None = None
+        try:
+            timer.start()
+            kind, status, body, detail = self._exchange(prepared, limit_s)
+        except gevent.Timeout as expired:
+            if expired is not timer:
+                raise
+            kind, body, detail = Kind.TIMEOUT, None, f"no answer within {limit_s:g} s"
+        except Exception as exc:  # noqa: BLE001 - an attempt reports, it never raises
+            kind, body, detail = classify(exc), None, _describe(exc)
+        finally:
+            timer.close()
+        return Outcome(
+            number,
+            kind,
+            started_s=started - t0,
+            elapsed_s=time.monotonic() - started,
+            status=status,
+            body=body,
+            detail=detail,
+        )
+
+    def _exchange(
+        self, prepared: requests.PreparedRequest, limit_s: float | None
+    ) -> tuple[Kind, int | None, bytes | None, str]:
+        settings = self._settings
+        read_s = limit_s if limit_s is not None else settings.attempt_timeout_s
+        response = self.session.send(
+            prepared,
+            stream=True,
+            allow_redirects=False,
+            timeout=(settings.connect_timeout_s, read_s),
+        )
+        cap = settings.max_body_bytes
+        declared = response.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > cap:
+            response.close()
+            return Kind.BODY_TOO_LARGE, response.status_code, None, f"{declared} bytes"
+        # Reading the whole body, even of a failure, leaves the connection clean for
+        # reuse; the cap keeps a huge or endless body from costing more. If the read
+        # breaks (or the greenlet is killed), urllib3 closes that connection itself.
+        body = response.raw.read(cap + 1, decode_content=True)
+        if len(body) > cap:
+            response.close()
+            return Kind.BODY_TOO_LARGE, response.status_code, None, f"over {cap} bytes"
+        if response.status_code != 200:
+            return Kind.HTTP_STATUS, response.status_code, None, ""
+        if not is_valid_payload(body):
+            return Kind.INVALID_PAYLOAD, 200, None, repr(body[:80])
+        return Kind.SUCCESS, 200, body, ""
+
+
+def classify(exc: Exception) -> Kind:
+    """Map what requests/urllib3 raised during an attempt to an outcome kind."""
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return Kind.CONNECT_ERROR
+    if isinstance(exc, requests.exceptions.ReadTimeout | Urllib3ReadTimeout | TimeoutError):
+        return Kind.TIMEOUT
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        reason = getattr(exc.args[0], "reason", None) if exc.args else None
+        if isinstance(reason, NewConnectionError | NameResolutionError):
+            return Kind.CONNECT_ERROR
+        return Kind.RESET
+    if isinstance(exc, requests.exceptions.RequestException | Urllib3HTTPError | OSError):
+        return Kind.RESET
+    return Kind.ERROR
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]

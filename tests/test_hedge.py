@@ -1,0 +1,236 @@
+"""The hedging algorithm with fake attempts: no sockets, no Flask.
+
+Attempts are driven by events the test sets, so the order of things is fixed by the
+test, not by sleeps; only the hedge delay itself is measured in time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import gevent
+import pytest
+from gevent.event import AsyncResult, Event
+from gevent.pool import Pool
+
+from smart.hedge import AllAttemptsFailed, DeadlineExceeded, HedgeResult, Trigger, hedge
+from smart.outcome import Kind, Outcome
+
+#: A hedge delay short enough to keep the suite fast, long enough that a busy 2-core
+#: machine does not blur "before the delay" and "after the delay".
+DELAY_S = 0.2
+#: How late a timer may fire on a loaded shared machine (measured stalls reach tens
+#: of ms under CPU contention); early is never allowed.
+LATE_S = 0.15
+#: A bound on waiting for something that should happen at once.
+PROMPTLY_S = 1.0
+
+
+def ok(number: int) -> Outcome:
+    return Outcome(number, Kind.SUCCESS, 0.0, 0.0, status=200, body=b'{"time": 1}')
+
+
+def failed(number: int) -> Outcome:
+    return Outcome(number, Kind.HTTP_STATUS, 0.0, 0.0, status=503)
+
+
+class Script:
+    """Fake attempts whose outcomes the test releases one by one."""
+
+    def __init__(self) -> None:
+        self.release: dict[int, AsyncResult] = {n: AsyncResult() for n in (1, 2, 3, 4)}
+        self.started: dict[int, float] = {}
+        self.cleaned_up: list[int] = []
+        self.t0 = time.monotonic()
+        self.spawned = Event()
+
+    def attempt(self, number: int, t0: float) -> Outcome:
+        self.started[number] = time.monotonic() - t0
+        if number > 1:
+            self.spawned.set()
+        try:
+            make: Callable[[int], Outcome] = self.release[number].get()
+            return make(number)
+        finally:
+            self.cleaned_up.append(number)
+
+
+def run(script: Script, **kwargs: object) -> gevent.Greenlet:
+    params: dict[str, object] = {
+        "pool": Pool(10),
+        "hedge_delay_s": DELAY_S,
+        "fanout": 2,
+        "deadline_s": None,
+    }
+    params.update(kwargs)
+    return gevent.spawn(hedge, script.attempt, **params)
+
+
+def result_of(runner: gevent.Greenlet) -> HedgeResult:
+    value = runner.get(timeout=PROMPTLY_S * 5)
+    assert isinstance(value, HedgeResult)
+    return value
+
+
+def test_a_first_attempt_that_succeeds_before_the_delay_is_the_only_one() -> None:
+    script = Script()
+    runner = run(script)
+    script.release[1].set(ok)
+    result = result_of(runner)
+    assert result.winner is not None and result.winner.attempt == 1
+    assert result.attempts_started == 1
+    assert result.trigger is None
+    assert set(script.started) == {1}
+
+
+def test_hedges_fire_at_the_delay_when_attempt_one_is_slow() -> None:
+    script = Script()
+    runner = run(script)
+    assert script.spawned.wait(timeout=DELAY_S + LATE_S + PROMPTLY_S)
+    gevent.sleep(0)  # let the second hedge greenlet run too
+    assert DELAY_S <= script.started[2] <= DELAY_S + LATE_S
+    assert DELAY_S <= script.started[3] <= DELAY_S + LATE_S
+    script.release[1].set(ok)
+    result = result_of(runner)
+    assert result.trigger == Trigger.DELAY
+    assert result.attempts_started == 3
+    assert result.winner is not None and result.winner.attempt == 1
+
+
+def test_hedges_fire_immediately_when_the_first_attempt_fails() -> None:
+    script = Script()
+    runner = run(script, hedge_delay_s=30.0)
+    script.release[1].set(failed)
+    assert script.spawned.wait(timeout=PROMPTLY_S)
+    script.release[2].set(ok)
+    result = result_of(runner)
+    assert result.trigger == Trigger.EARLY_FAILURE
+    assert result.winner is not None and result.winner.attempt == 2
+
+
+def test_the_first_success_of_any_attempt_wins_and_the_rest_are_killed() -> None:
+    script = Script()
+    runner = run(script)
+    assert script.spawned.wait(timeout=DELAY_S + LATE_S + PROMPTLY_S)
+    gevent.sleep(0)
+    script.release[3].set(ok)
+    result = result_of(runner)
+    assert result.winner is not None and result.winner.attempt == 3
+    kinds = {o.attempt: o.kind for o in result.outcomes}
+    assert kinds == {1: Kind.CANCELLED, 2: Kind.CANCELLED, 3: Kind.SUCCESS}
+    assert result.cancelled == 2
+    # The killed attempts unwound (their finally blocks ran) before hedge returned.
+    assert sorted(script.cleaned_up) == [1, 2, 3]
+
+
+def test_a_failed_hedge_does_not_end_the_request_while_others_run() -> None:
+    script = Script()
+    runner = run(script)
+    script.release[1].set(failed)
+    assert script.spawned.wait(timeout=PROMPTLY_S)
+    script.release[2].set(failed)
+    gevent.sleep(0.05)
+    assert not runner.ready()
+    script.release[3].set(ok)
+    assert result_of(runner).winner.attempt == 3  # type: ignore[union-attr]
+
+
+def test_all_attempts_failing_is_reported_at_once_without_waiting_for_the_deadline() -> None:
+    script = Script()
+    runner = run(script, deadline_s=60.0)
+    script.release[1].set(failed)
+    assert script.spawned.wait(timeout=PROMPTLY_S)
+    script.release[2].set(failed)
+    script.release[3].set(failed)
+    with pytest.raises(AllAttemptsFailed) as caught:
+        runner.get(timeout=PROMPTLY_S)
+    assert [o.kind for o in caught.value.result.outcomes] == [Kind.HTTP_STATUS] * 3
+    assert caught.value.result.winner is None
+
+
+def test_the_deadline_ends_the_request_and_kills_every_attempt() -> None:
+    script = Script()
+    started = time.monotonic()
+    runner = run(script, deadline_s=DELAY_S * 2)
+    with pytest.raises(DeadlineExceeded) as caught:
+        runner.get(timeout=DELAY_S * 2 + PROMPTLY_S)
+    took = time.monotonic() - started
+    assert DELAY_S * 2 <= took <= DELAY_S * 2 + LATE_S
+    result = caught.value.result
+    assert [o.kind for o in result.outcomes] == [Kind.CANCELLED] * 3
+    assert sorted(script.cleaned_up) == [1, 2, 3]
+
+
+def test_a_deadline_before_the_delay_means_no_hedges_unless_attempt_one_fails() -> None:
+    script = Script()
+    runner = run(script, deadline_s=DELAY_S / 2)
+    with pytest.raises(DeadlineExceeded) as caught:
+        runner.get(timeout=DELAY_S + PROMPTLY_S)
+    assert caught.value.result.attempts_started == 1
+
+    script = Script()
+    runner = run(script, deadline_s=DELAY_S / 2)
+    script.release[1].set(failed)
+    assert script.spawned.wait(timeout=PROMPTLY_S)
+    script.release[2].set(ok)
+    assert result_of(runner).trigger == Trigger.EARLY_FAILURE
+
+
+def test_fanout_zero_never_hedges() -> None:
+    script = Script()
+    runner = run(script, fanout=0, hedge_delay_s=0.0)
+    script.release[1].set(failed)
+    with pytest.raises(AllAttemptsFailed) as caught:
+        runner.get(timeout=PROMPTLY_S)
+    assert caught.value.result.attempts_started == 1
+
+
+def test_a_permit_limits_the_hedges_and_the_refused_ones_are_counted() -> None:
+    script = Script()
+    asked: list[int] = []
+
+    def permit(wanted: int) -> int:
+        asked.append(wanted)
+        return 1
+
+    runner = run(script, permit=permit)
+    script.release[1].set(failed)
+    assert script.spawned.wait(timeout=PROMPTLY_S)
+    script.release[2].set(failed)
+    with pytest.raises(AllAttemptsFailed) as caught:
+        runner.get(timeout=PROMPTLY_S)
+    assert asked == [2]
+    assert caught.value.result.attempts_started == 2
+    assert caught.value.result.hedges_suppressed == 1
+
+
+def test_an_attempt_that_raises_becomes_an_error_outcome() -> None:
+    def broken(number: int, t0: float) -> Outcome:
+        raise RuntimeError("bug")
+
+    with pytest.raises(AllAttemptsFailed) as caught:
+        hedge(broken, pool=Pool(10), hedge_delay_s=DELAY_S, fanout=2, deadline_s=None)
+    assert [o.kind for o in caught.value.result.outcomes] == [Kind.ERROR] * 3
+
+
+def test_killing_one_requests_leftovers_leaves_other_requests_attempts_alone() -> None:
+    shared = Pool(10)
+    slow, fast = Script(), Script()
+    slow_runner = run(slow, pool=shared)
+    fast_runner = run(fast, pool=shared)
+    fast.release[1].set(ok)
+    result_of(fast_runner)
+    gevent.sleep(0)
+    assert not slow_runner.ready()
+    assert 1 not in slow.cleaned_up
+    slow.release[1].set(ok)
+    assert result_of(slow_runner).winner.attempt == 1  # type: ignore[union-attr]
+    assert len(shared) == 0
+
+
+def test_a_foreign_timeout_is_not_mistaken_for_the_deadline() -> None:
+    script = Script()
+    with pytest.raises(gevent.Timeout), gevent.Timeout(DELAY_S / 2):
+        hedge(script.attempt, pool=Pool(10), hedge_delay_s=DELAY_S, fanout=2, deadline_s=60)
+    assert script.cleaned_up == [1]
