@@ -35,7 +35,8 @@ def smart() -> Response:
     try:
         if runtime.budget is not None:
             runtime.budget.record_first()
-        limit_s = timeout_ms / 1000 if timeout_ms is not None else settings.attempt_timeout_s
+        # With a deadline the hedger kills the attempts; without one each is bounded.
+        limit_s = None if timeout_ms is not None else settings.attempt_timeout_s
         result = hedge(
             partial(runtime.client.fetch_once, request_id=request_id, limit_s=limit_s),
             pool=runtime.pool,

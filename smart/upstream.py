@@ -93,7 +93,9 @@ class UpstreamClient:
         """Attempt ``number`` of request ``request_id``, which started at ``t0``.
 
         ``limit_s`` bounds the whole attempt (connect, headers and body): requests'
-        own timeout applies to each socket operation, not to the total.
+        own timeout applies to each socket operation, not to the total. None means the
+        caller bounds it (the hedger kills attempts at the request's deadline); a
+        second timer racing that deadline would turn a 504 into a 502.
         """
         started = time.monotonic()
         prepared = self._template.copy()
@@ -128,7 +130,8 @@ class UpstreamClient:
         self, prepared: requests.PreparedRequest, limit_s: float | None
     ) -> tuple[Kind, int | None, bytes | None, str]:
         settings = self._settings
-        read_s = limit_s if limit_s is not None else settings.attempt_timeout_s
+        # A backstop per socket operation; the real limits are the timers above.
+        read_s = limit_s if limit_s is not None else settings.max_timeout_ms / 1000
         response = self.session.send(
             prepared,
             stream=True,
