@@ -12,7 +12,9 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
-# Dependencies before the code: editing smart/ does not reinstall them.
+# Dependencies before the code: editing smart/ does not reinstall them. Every pinned
+# requirement ships a manylinux wheel (glibc <= 2.28, x86_64 and aarch64), so the slim
+# image needs no compiler.
 COPY requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
 
