@@ -229,14 +229,19 @@ def run_healthcheck(
     deadline = time.monotonic() + seconds(options.get("start-period", "0s"))
     deadline += int(options.get("retries", "3")) * seconds(options.get("interval", "30s"))
     while True:
-        check = subprocess.run(
-            image.healthcheck,
-            cwd=cwd,
-            env=env,
-            capture_output=True,
-            timeout=try_timeout_s,
-            check=False,
-        )
+        try:
+            check = subprocess.run(
+                image.healthcheck,
+                cwd=cwd,
+                env=env,
+                capture_output=True,
+                timeout=try_timeout_s,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as expired:
+            # Docker counts a try that outlives --timeout as a failed one.
+            stderr = expired.stderr or b""
+            check = subprocess.CompletedProcess(image.healthcheck, 1, b"", stderr + b"timed out")
         if check.returncode == 0 or time.monotonic() > deadline:
             return check
         time.sleep(POLL_INTERVAL_S)
