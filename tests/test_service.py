@@ -338,7 +338,9 @@ def test_without_a_timeout_a_hanging_upstream_still_ends_in_a_504(
     response = get(bounded_server)
     body = assert_error_shape(response, 504, "upstream_timeout")
     assert [a["outcome"] for a in body["attempts"]] == ["timeout"] * 3
-    assert response.elapsed.total_seconds() <= 0.6 + 0.03 + TOLERANCE_S
+    # The last attempts start at the 30 ms hedge and end at their own 600 ms limit;
+    # what matters here is that the request ends at all, so the margin is generous.
+    assert response.elapsed.total_seconds() <= 0.03 + 0.6 + 5 * TOLERANCE_S
 
 
 def test_a_refused_upstream_is_a_prompt_502(tmp_path: Path) -> None:
