@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, replace
 from typing import Any
@@ -50,6 +50,9 @@ class Stats:
         self.completed = 0
         self.client_closed = 0
         self.connections_total = 0
+        # By X-Smart-Attempt value: calls per client request is calls over attempt 1s,
+        # exact even when a load generator stops with requests still in flight.
+        self.calls_by_attempt: Counter[str] = Counter()
         self.recent: deque[CallRecord] = deque(maxlen=RECENT_LIMIT)
 
     def start(self, environ: Mapping[str, Any]) -> CallRecord:
@@ -61,6 +64,7 @@ class Stats:
             traceparent=environ.get("HTTP_TRACEPARENT"),
             started=time.monotonic(),
         )
+        self.calls_by_attempt[record.attempt or "none"] += 1
         self.recent.append(record)
         return record
 
@@ -193,6 +197,7 @@ class Simulator:
         stats = self.stats
         return 200, {
             "calls": stats.calls,
+            "calls_by_attempt": dict(stats.calls_by_attempt),
             "in_flight": self.in_flight,
             "completed": stats.completed,
             "client_closed": stats.client_closed,

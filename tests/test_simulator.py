@@ -333,6 +333,7 @@ def test_stats_count_work_calls_and_not_control_requests(sim: SimulatorProcess) 
 
     stats = sim.stats()
     assert (stats["calls"], stats["completed"], stats["in_flight"]) == (2, 2, 0)
+    assert stats["calls_by_attempt"] == {"2": 1, "none": 1}
     first, second = stats["recent"]
     assert (first["id"], first["request_id"], first["attempt"]) == (1, "req-1", "2")
     assert first["traceparent"] == "00-ab-cd-01"
