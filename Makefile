@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 LINTED := smart tests $(wildcard bench scripts)
 CI_STAMP := $(VENV)/.ci-installed
 
-.PHONY: install run test lint fmt bench soak clean licenses check-deploy
+.PHONY: install run test lint fmt bench bench-profile soak clean licenses check-deploy
 
 install: $(STAMP)
 
@@ -52,6 +52,15 @@ licenses: $(CI_STAMP)
 $(CI_STAMP): requirements-ci.txt $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-ci.txt
 	@touch $@
+
+# Load benchmark on 127.0.0.1: smart and a naive baseline under wrk beside the ideal
+# hedger; results in bench/results/ (docs/PERFORMANCE.md). BENCH_QUICK=1: ~2 minutes.
+bench: $(STAMP)
+	@bash bench/bench.sh
+
+# Where a request's CPU goes, by library (py-spy on one loaded worker).
+bench-profile: $(STAMP)
+	@bash bench/bench.sh --profile
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
