@@ -11,6 +11,8 @@ import argparse
 import os
 import platform
 import resource
+import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -279,6 +281,9 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated: fixed,random,tail,capacity")
     parser.add_argument("--out", default=str(RESULTS), help="where results are written")
     args = parser.parse_args()
+    # bench.sh's time limit sends SIGTERM: unwind, so every process started here is
+    # stopped by the context managers that started it.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     RAW.mkdir(parents=True, exist_ok=True)
     _raise_open_files_limit()
     plan = QUICK if args.quick else FULL
