@@ -243,6 +243,11 @@ class _Handler(pywsgi.WSGIHandler):  # type: ignore[misc]
         finally:
             simulator.connections_open -= 1
 
+    def log_request(self) -> None:
+        # serve() passes log=None, yet pywsgi would still format every access line
+        # (a date, the request line) for its no-op log: a twentieth of a call's CPU.
+        pass
+
     def get_environ(self) -> dict[str, Any]:
         environ: dict[str, Any] = super().get_environ()
         environ[SOCKET_KEY] = self.socket
