@@ -48,7 +48,7 @@ class Outcome:
         """Fine-grained outcome for logs and error bodies: ``http_503``, ``timeout``…"""
         if self.kind is Kind.HTTP_STATUS:
             return f"http_{self.status}"
-        return self.kind.value
+        return str(self.kind.value)
 
     @property
     def group(self) -> str:
@@ -59,7 +59,7 @@ class Outcome:
             if 400 <= self.status <= 499:
                 return "http_4xx"
             return "http_other"
-        return self.kind.value
+        return str(self.kind.value)
 
     def summary(self) -> dict[str, object]:
         """The attempt as it appears in error bodies and log lines."""

@@ -1,4 +1,4 @@
-"""Endpoints for the platform, not for clients: liveness and readiness.
+"""Endpoints for the platform, not for clients: liveness, readiness and metrics.
 
 They never touch the upstream and are never shed by admission control.
 """
@@ -25,6 +25,18 @@ def readyz() -> Response:
     if runtime.draining:
         return _json(503, b'{"status":"draining"}')
     return _json(200, b'{"status":"ready"}')
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Prometheus text format, every worker's samples merged (see smart.metrics)."""
+    runtime: Runtime = current_app.extensions["smart"]
+    if runtime.telemetry.metrics is None:
+        return _json(404, b'{"error":"not_found","message":"metrics are off (SMART_METRICS)"}')
+    body, content_type = runtime.telemetry.metrics.exposition()
+    response = Response(body, 200, content_type=content_type)
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 def _json(status: int, body: bytes) -> Response:
