@@ -11,6 +11,10 @@ import os
 import shutil
 import tempfile
 import time
+from typing import Any
+
+# gunicorn's own logger base: part of the server, imports nothing of the app.
+from gunicorn.glogging import Logger
 
 
 def _env_int(name: str, default: int) -> int:
@@ -80,12 +84,16 @@ _access_log = os.environ.get("SMART_ACCESS_LOG", "true").strip().lower() not in 
 )
 
 
-class JsonLogFormatter(logging.Formatter):
-    """gunicorn's records as one JSON object per line (ts, level, logger, msg, ...).
+#: Attributes every LogRecord has; anything else given as ``extra`` is a field.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+}
 
-    Defined here rather than imported from smart: this file must not import the app.
-    Access records carry gunicorn's atoms as their args; their quotes come escaped
-    for the text format, which JSON does by itself.
+
+class JsonLogFormatter(logging.Formatter):
+    """gunicorn's records as one JSON object per line: ts, level, logger, pid, msg and
+    the extra fields. Defined here rather than imported: this file must not import smart.
     """
 
     def format(self, record: logging.LogRecord) -> str:
@@ -96,37 +104,51 @@ class JsonLogFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "pid": record.process,
+            "msg": record.getMessage(),
         }
-        atoms = record.args if isinstance(record.args, dict) else None
-        if record.name == "gunicorn.access" and atoms is not None:
-            line.update(_access_fields(atoms))
-        else:
-            line["msg"] = record.getMessage()
+        for key, value in vars(record).items():
+            if key not in _STANDARD:
+                line[key] = value
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str, ensure_ascii=False)
 
 
-def _access_fields(atoms: dict) -> dict:
-    def text(key: str) -> str | None:
-        value = atoms.get(key)
-        return value.replace('\\"', '"') if isinstance(value, str) and value != "-" else None
+class JsonAccessLogger(Logger):
+    """gunicorn's logger with a lean access line of named fields.
 
-    return {
-        "msg": "access",
-        "remote_addr": text("h"),
-        "method": text("m"),
-        "path": text("U"),
-        "query": text("q") or None,
-        "protocol": text("H"),
-        "status": int(atoms["s"]) if str(atoms.get("s", "")).isdigit() else atoms.get("s"),
-        "bytes": atoms.get("B"),
-        "duration_ms": round(atoms.get("D", 0) / 1000, 1),
-        "request_id": text("{x-request-id}o"),
-        "user_agent": text("a"),
-    }
+    The stock ``access`` first renders every request header and environ variable into
+    format atoms, about 140 us per request here; this one reads the few it logs.
+    """
+
+    def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> None:
+        if not self.access_log.isEnabledFor(logging.INFO):
+            return
+        status = str(resp.status).split(None, 1)[0]
+        self.access_log.info(
+            "access",
+            extra={
+                "remote_addr": environ.get("REMOTE_ADDR"),
+                "method": environ.get("REQUEST_METHOD"),
+                "path": environ.get("PATH_INFO"),
+                "query": environ.get("QUERY_STRING") or None,
+                "status": int(status) if status.isdigit() else status,
+                "bytes": getattr(resp, "sent", None),
+                "duration_ms": round(request_time.total_seconds() * 1000, 1),
+                "request_id": _header(resp.headers, "x-request-id"),
+                "user_agent": _header(getattr(req, "headers", req), "user-agent"),
+            },
+        )
 
 
+def _header(headers: Any, name: str) -> str | None:
+    for key, value in headers.items() if hasattr(headers, "items") else headers:
+        if key.lower() == name:
+            return str(value)
+    return None
+
+
+logger_class = JsonAccessLogger
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
