@@ -130,15 +130,15 @@ class Telemetry:
     def request_crashed(self) -> None:
         """A bug ended an /api/smart request in a 500 (its traceback is logged apart)."""
         if self.metrics is not None:
-            self.metrics.requests.labels("500", "internal_error").inc()
+            self.metrics.requests("500", "internal_error").inc()
 
 
 def record_metrics(metrics: Metrics, record: RequestRecord) -> None:
     """Count one finished request; every counter here adds up across workers."""
-    metrics.requests.labels(str(record.status), record.outcome).inc()
-    metrics.request_duration.labels(record.outcome).observe(record.elapsed_s)
+    metrics.requests(str(record.status), record.outcome).inc()
+    metrics.request_duration(record.outcome).observe(record.elapsed_s)
     if record.outcome == "overloaded":
-        metrics.rejected.labels("overloaded").inc()
+        metrics.rejected("overloaded").inc()
     result = record.result
     if result is None:
         return
@@ -147,12 +147,12 @@ def record_metrics(metrics: Metrics, record: RequestRecord) -> None:
     for o in result.outcomes:
         if o.sent:  # one per call the upstream received
             group = o.group
-            metrics.attempts.labels(str(o.attempt), group).inc()
-            metrics.attempt_duration.labels(group).observe(o.elapsed_s)
+            metrics.attempts(str(o.attempt), group).inc()
+            metrics.attempt_duration(group).observe(o.elapsed_s)
     if result.winner is not None:
-        metrics.wins.labels(str(result.winner.attempt)).inc()
+        metrics.wins(str(result.winner.attempt)).inc()
     if result.trigger is not None:
-        metrics.hedges.labels(result.trigger).inc()
+        metrics.hedges(result.trigger).inc()
     if result.hedges_suppressed:
         metrics.hedges_suppressed.inc(result.hedges_suppressed)
 
