@@ -194,6 +194,20 @@ def test_every_request_log_line_joins_its_upstream_calls_by_request_id(mix: Mix)
         assert {"status", "outcome", "timeout_ms", "elapsed_ms"} <= set(line)
 
 
+def test_every_line_gunicorn_and_the_app_write_is_one_json_object(mix: Mix) -> None:
+    stdout = [json.loads(line) for line in list(mix.server.stdout)]
+    stderr = [json.loads(line) for line in list(mix.server.stderr)]
+    for line in stdout + stderr:
+        assert {"ts", "level", "logger", "msg"} <= set(line), line
+    assert any(line["msg"].startswith("Booting worker") for line in stderr)
+    access = [line for line in stdout if line["logger"] == "gunicorn.access"]
+    rescued = [line for line in access if str(line["request_id"]).startswith("rescued-")]
+    assert len(rescued) == 10
+    for line in rescued:
+        assert (line["method"], line["path"], line["status"]) == ("GET", "/api/smart", 200)
+        assert line["duration_ms"] > 0 and line["query"] == "timeout=2000"
+
+
 def test_a_real_prometheus_scraping_two_workers_sees_what_was_sent_and_received(
     simulator: SimulatorProcess, tmp_path: Path
 ) -> None:
