@@ -1,4 +1,5 @@
-"""The operator kit: alert rules are valid, tested, and speak of metrics smart exports."""
+"""The operator kit: the alert rules are valid and unit-tested, and the alerts, the
+dashboard and the operations guide agree with the metrics smart exports."""
 
 from __future__ import annotations
 
@@ -73,3 +74,12 @@ def test_every_dashboard_panel_queries_the_chosen_data_source_and_jobs() -> None
             assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
             for selector in re.findall(r"smart_[a-z_]+(\{[^}]*\})", target["expr"]):
                 assert 'job=~"$job"' in selector, (panel["title"], target["expr"])
+
+
+def test_every_metric_is_documented_in_the_operations_guide() -> None:
+    guide = (ROOT / "docs" / "OPERATIONS.md").read_text()
+    registry = CollectorRegistry()
+    Metrics(registry, attempts_per_request=3)
+    for family in registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        assert f"`{name}`" in guide, f"{name} is not in docs/OPERATIONS.md"
