@@ -17,7 +17,7 @@ from smart.telemetry import RequestRecord
 bp = Blueprint("api", __name__)
 
 
-@bp.get("/api/smart")
+@bp.get("/api/smart", provide_automatic_options=False)
 def smart() -> Response:
     t0 = time.monotonic()
     runtime: Runtime = current_app.extensions["smart"]
