@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+LINTED := smart tests $(wildcard bench scripts)
 CI_STAMP := $(VENV)/.ci-installed
 
 .PHONY: install run test lint fmt bench soak clean licenses check-deploy
@@ -25,13 +26,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check smart tests bench
-	$(BIN)/ruff format --check smart tests bench
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy smart
 
 fmt: $(STAMP)
-	$(BIN)/ruff format smart tests bench
-	$(BIN)/ruff check --fix smart tests bench
+	$(BIN)/ruff format $(LINTED)
+	$(BIN)/ruff check --fix $(LINTED)
 
 # Dockerfile, compose, Prometheus/Grafana provisioning, Kubernetes manifests and the
 # runtime dependencies' licences: lint, validate, cross-check (scripts/check-deploy.sh).

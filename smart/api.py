@@ -18,7 +18,7 @@ from smart.tracing import RequestSpan
 bp = Blueprint("api", __name__)
 
 
-@bp.get("/api/smart")
+@bp.get("/api/smart", provide_automatic_options=False)
 def smart() -> Response:
     t0 = time.monotonic()
     runtime: Runtime = current_app.extensions["smart"]

@@ -147,7 +147,9 @@ class _Run:
         self.ran.add(number)
         return self.attempt(number, self.t0)
 
-    def until_decided(self, hedge_delay_s: float, fanout: int, permit: Permit | None) -> Outcome | None:
+    def until_decided(
+        self, hedge_delay_s: float, fanout: int, permit: Permit | None
+    ) -> Outcome | None:
         """Wait for attempts until one succeeds (returned) or all failed (None)."""
         self.start(1)
         hedged = fanout == 0

@@ -7,10 +7,10 @@ nothing from the rest of the package.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     """How an attempt ended. The values are the metric labels and log fields."""
 
     SUCCESS = "success"
@@ -48,7 +48,7 @@ class Outcome:
         """Fine-grained outcome for logs and error bodies: ``http_503``, ``timeout``…"""
         if self.kind is Kind.HTTP_STATUS:
             return f"http_{self.status}"
-        return str(self.kind.value)
+        return self.kind.value
 
     @property
     def group(self) -> str:
@@ -59,7 +59,7 @@ class Outcome:
             if 400 <= self.status <= 499:
                 return "http_4xx"
             return "http_other"
-        return str(self.kind.value)
+        return self.kind.value
 
     def summary(self) -> dict[str, object]:
         """The attempt as it appears in error bodies and log lines."""

@@ -12,13 +12,13 @@ from smart.runtime import Runtime
 bp = Blueprint("probes", __name__)
 
 
-@bp.get("/healthz")
+@bp.get("/healthz", provide_automatic_options=False)
 def healthz() -> Response:
     """Alive: the worker's loop is turning. Nothing else is checked, on purpose."""
     return _json(200, b'{"status":"ok"}')
 
 
-@bp.get("/readyz")
+@bp.get("/readyz", provide_automatic_options=False)
 def readyz() -> Response:
     """Ready for new traffic: false from SIGTERM on, while in-flight requests finish."""
     runtime: Runtime = current_app.extensions["smart"]

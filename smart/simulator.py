@@ -264,8 +264,6 @@ def serve(config: SimulatorConfig) -> int:
         environ={"SERVER_NAME": config.host},
     )
     # Handlers first: a signal sent as soon as the port is announced must stop us cleanly.
-    # A shell starts background jobs with SIGINT ignored, and gevent would never see it.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
     stopping = gevent.event.Event()
     handlers = [gevent.signal_handler(signum, stopping.set) for signum in STOP_SIGNALS]
     server.start()
