@@ -195,9 +195,7 @@ class _Run:
             self.finish(greenlet)
 
 
-def _outcome_of(
-    greenlet: Greenlet, number: int, started: float, now: float, ran: bool
-) -> Outcome:
+def _outcome_of(greenlet: Greenlet, number: int, started: float, now: float, ran: bool) -> Outcome:
     if greenlet.dead and greenlet.successful() and isinstance(greenlet.value, Outcome):
         return greenlet.value  # finished on its own, possibly just before the kill
     if greenlet.dead and greenlet.exception is not None:
