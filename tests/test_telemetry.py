@@ -190,6 +190,26 @@ def test_metrics_and_probes_are_not_counted_as_requests() -> None:
     assert sum(requests) == 0
 
 
+class BrokenLimiter:
+    """Admission that fails with a bug, to see how a crashed request is counted."""
+
+    limit = 1
+
+    def try_acquire(self) -> bool:
+        raise RuntimeError("bug")
+
+
+def test_a_request_that_crashes_is_counted_as_a_500(caplog: pytest.LogCaptureFixture) -> None:
+    app = app_for()
+    app.extensions["smart"].limiter = BrokenLimiter()
+    with caplog.at_level(logging.CRITICAL, logger="smart"):
+        response = app.test_client().get("/api/smart")
+    assert response.status_code == 500
+    assert response.json is not None and response.json["error"] == "internal_error"
+    key = ("smart_requests_total", (("code", "500"), ("outcome", "internal_error")))
+    assert scrape(app)[key] == 1
+
+
 def test_the_request_log_line_is_one_json_object(caplog: pytest.LogCaptureFixture) -> None:
     app = create_app(Settings(upstream_url=REFUSED_URL, log_requests=True))
     with caplog.at_level(logging.INFO, logger="smart.request"):
