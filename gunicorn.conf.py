@@ -191,8 +191,12 @@ logconfig_dict = {
 _created_metrics_dir: list[str] = []
 
 
-def on_starting(server: object) -> None:
-    """Start every run with empty counters: a fresh directory, or the given one wiped."""
+def on_starting(server: Any) -> None:
+    """Start every run with empty counters: a fresh directory, or the given one wiped.
+
+    Not on a USR2 re-exec (``master_pid`` set): the old master's workers still write
+    there, and the new ones carry on from their totals.
+    """
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
     if not path:
         path = tempfile.mkdtemp(prefix="smart-metrics-")
@@ -200,20 +204,25 @@ def on_starting(server: object) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
         return
     os.makedirs(path, exist_ok=True)
+    if server.master_pid:
+        return
     # Only prometheus_client's files: the directory may be a mount point or shared.
     for name in os.listdir(path):
         if name.endswith(".db"):
             os.remove(os.path.join(path, name))
 
 
-def child_exit(server: object, worker: object) -> None:
+def child_exit(server: Any, worker: Any) -> None:
     # Imported here, not at the top: prometheus_client picks its multiprocess storage
     # at import time, which must come after on_starting has set the directory.
     from prometheus_client import multiprocess  # noqa: PLC0415
 
-    multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]
+    multiprocess.mark_process_dead(worker.pid)
 
 
-def on_exit(server: object) -> None:
+def on_exit(server: Any) -> None:
+    # After a USR2 re-exec the new master (reexec_pid) still uses the directory.
+    if server.reexec_pid:
+        return
     for path in _created_metrics_dir:
         shutil.rmtree(path, ignore_errors=True)

@@ -9,6 +9,8 @@ the code that produces them.
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -360,3 +362,67 @@ def test_traces_leave_each_worker_over_otlp_http_when_the_otel_variables_ask(
     }
     for number, span in attempts.items():
         assert sent[number].split("-")[2] == span.span_id.hex()
+
+
+def healthy(server: Gunicorn) -> bool:
+    try:
+        return requests.get(server.url + "/healthz", timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def scrape_total(server: Gunicorn, name: str) -> float:
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    )
+
+
+def test_each_start_counts_from_zero_in_a_reused_metrics_directory(
+    simulator: SimulatorProcess, tmp_path: Path
+) -> None:
+    simulator.reset()
+    simulator.configure(mode="fixed", fixed_ms=5, failure_rate=0.0)
+    env = {"SMART_UPSTREAM_URL": simulator.work_url, **FAST_STOP}
+    with Gunicorn(env, workers=1, tmp_path=tmp_path) as first:
+        Sent().send(first, 3)
+        assert scrape_total(first, "smart_requests_total") == 3
+    assert list((tmp_path / "metrics").glob("*.db"))
+    with Gunicorn(env, workers=1, tmp_path=tmp_path) as second:
+        assert scrape_total(second, "smart_requests_total") == 0
+
+
+def test_without_a_metrics_directory_gunicorn_makes_one_and_removes_it_at_exit(
+    simulator: SimulatorProcess, tmp_path: Path
+) -> None:
+    simulator.reset()
+    simulator.configure(mode="fixed", fixed_ms=5, failure_rate=0.0)
+    env = {"SMART_UPSTREAM_URL": simulator.work_url, "TMPDIR": str(tmp_path), **FAST_STOP}
+    with Gunicorn(env, workers=2) as server:
+        assert "PROMETHEUS_MULTIPROC_DIR" not in server.env
+        (made,) = tmp_path.glob("smart-metrics-*")
+        Sent().send(server, 6)
+        assert scrape_total(server, "smart_requests_total") == 6
+    assert not made.exists()
+
+
+def test_a_dead_workers_counts_stay_in_the_totals_and_its_gauges_go(
+    simulator: SimulatorProcess, tmp_path: Path
+) -> None:
+    simulator.reset()
+    simulator.configure(mode="fixed", fixed_ms=5, failure_rate=0.0)
+    env = {"SMART_UPSTREAM_URL": simulator.work_url, **FAST_STOP}
+    with Gunicorn(env, workers=1, tmp_path=tmp_path) as server:
+        Sent().send(server, 4)
+        (worker,) = server.worker_pids()
+        gauges = tmp_path / "metrics" / f"gauge_livesum_{worker}.db"
+        assert gauges.exists()
+        os.kill(worker, signal.SIGKILL)  # a worker of the gunicorn this test started
+        assert wait_until(lambda: server.worker_pids() not in ([], [worker]), SETTLE_S)
+        assert wait_until(lambda: healthy(server), SETTLE_S)
+        assert not gauges.exists()
+        Sent().send(server, 2)
+        assert scrape_total(server, "smart_requests_total") == 6
