@@ -6,6 +6,7 @@ They never touch the upstream and are never shed by admission control.
 from __future__ import annotations
 
 from flask import Blueprint, Response, current_app
+from werkzeug.exceptions import NotFound
 
 from smart.runtime import Runtime
 
@@ -32,7 +33,7 @@ def metrics() -> Response:
     """Prometheus text format, every worker's samples merged (see smart.metrics)."""
     runtime: Runtime = current_app.extensions["smart"]
     if runtime.telemetry.metrics is None:
-        return _json(404, b'{"error":"not_found","message":"metrics are off (SMART_METRICS)"}')
+        raise NotFound("metrics are off (SMART_METRICS=false)")
     body, content_type = runtime.telemetry.metrics.exposition()
     response = Response(body, 200, content_type=content_type)
     response.headers["Cache-Control"] = "no-store"

@@ -179,6 +179,9 @@ def test_metrics_can_be_turned_off_and_metrics_is_then_a_404() -> None:
     response = app.test_client().get("/metrics")
     assert response.status_code == 404
     assert response.headers["Content-Type"] == "application/json"
+    body = response.json
+    assert body is not None and body["error"] == "not_found"
+    assert "SMART_METRICS" in body["message"]
 
 
 def test_metrics_and_probes_are_not_counted_as_requests() -> None:
