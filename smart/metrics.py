@@ -88,6 +88,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None, attempts_per_request: int) -> None:
         self.registry = registry
+        #: For the start-up log: whose samples /metrics shows.
+        self.mode = "this app only" if registry is not None else "all workers"
         r = registry
         self.requests = Labelled(
             Counter(

@@ -64,6 +64,14 @@ class Telemetry:
             tracing: Tracing | None = Tracing(tracer_provider, settings.upstream_url)
         else:
             tracing = tracing_from_env(os.environ, settings.upstream_url)
+        logging.getLogger("smart").info(
+            "telemetry",
+            extra={
+                "metrics": "off" if metrics is None else metrics.mode,
+                "tracing": "off" if tracing is None else "on",
+                "request_log": settings.log_requests,
+            },
+        )
         return cls(settings.log_requests, metrics, tracing)
 
     def close(self) -> None:
