@@ -42,6 +42,11 @@ PROMETHEUS_REQUESTS = 200
 #: share of ~300 calls may stray from it by chance (over 4 standard deviations).
 FAILURE_RATE = 0.3
 FAILURE_RATE_SLACK = 0.1
+#: A loser cancelled in the moment it was being sent can vanish before the upstream's
+#: server reads it (a reset connection still in its accept queue): smart counts a call
+#: the upstream never saw. Seen up to once in ~130 hedges of a loaded 2-core box, and
+#: only for cancelled hedges; every other call must match exactly.
+CANCEL_RACE_SLACK = 3
 #: Prometheus needs a scrape or two after the last request, plus start-up.
 SCRAPED_WITHIN_S = 20 * SCRAPE_INTERVAL_S
 #: The batch span processor exports every 200 ms here (OTEL_BSP_SCHEDULE_DELAY).
@@ -128,9 +133,9 @@ def mix(simulator: SimulatorProcess, tmp_path_factory: pytest.TempPathFactory) -
         sent.send(server, 10, "?timeout=2000", "rescued")
         simulator.by_attempt({str(n): {"kind": "status", "status": 500} for n in (1, 2, 3)})
         sent.send(server, 5, "?timeout=2000", "failed")
-        # Hedges go out at 300 ms, and everything is cancelled at the 400 ms deadline.
+        # Hedges go out at 300 ms, and everything is cancelled at the 600 ms deadline.
         simulator.by_attempt(hang_all())
-        sent.send(server, 5, "?timeout=400", "expired")
+        sent.send(server, 5, "?timeout=600", "expired")
         sent.send(server, 5, "?timeout=abc", "invalid")
         simulator.by_attempt({})
         assert wait_until(lambda: simulator.stats()["in_flight"] == 0, SETTLE_S)
@@ -222,7 +227,9 @@ def test_a_real_prometheus_scraping_two_workers_sees_what_was_sent_and_received(
         failure_kinds=["status_500", "status_503", "reset", "html"],
         seed=11,
     )
-    env = {"SMART_UPSTREAM_URL": simulator.work_url, **FAST_STOP}
+    # A keep-alive longer than the scrape interval: Prometheus reuses its connection
+    # without racing the server's idle close (a failed scrape marks series stale).
+    env = {"SMART_UPSTREAM_URL": simulator.work_url, "SMART_KEEPALIVE_S": "3"}
     (tmp_path / "prometheus").mkdir()
     with (
         Gunicorn(env, workers=2, tmp_path=tmp_path) as server,
@@ -244,12 +251,21 @@ def test_a_real_prometheus_scraping_two_workers_sees_what_was_sent_and_received(
         )
         assert client_success == pytest.approx(successes / PROMETHEUS_REQUESTS)
         hedged = sum(1 for r in sent.responses if r.headers.get("X-Smart-Attempts") == "3")
-        assert prom.value('sum(smart_hedges_total{trigger="early_failure"})') == hedged
-        assert prom.value('sum(smart_hedges_total{trigger="delay"})') == 0
-        by_attempt = prom.query("sum by (attempt) (smart_upstream_attempts_total)")
-        assert {labels["attempt"]: value for labels, value in by_attempt} == {
-            attempt: float(calls[attempt]) for attempt in ("1", "2", "3")
+        assert prom.value("sum(smart_hedges_total)") == hedged
+        recorded = {
+            labels["attempt"]: value
+            for labels, value in prom.query("sum by (attempt) (smart_upstream_attempts_total)")
         }
+        cancelled = {
+            labels["attempt"]: value
+            for labels, value in prom.query(
+                'sum by (attempt) (smart_upstream_attempts_total{outcome="cancelled"})'
+            )
+        }
+        assert recorded["1"] == calls["1"] == PROMETHEUS_REQUESTS
+        for attempt in ("2", "3"):
+            unseen = recorded[attempt] - calls[attempt]
+            assert 0 <= unseen <= min(cancelled[attempt], CANCEL_RACE_SLACK), (recorded, calls)
         failed_share = prom.value(
             'sum(smart_upstream_attempts_total{outcome!~"success|cancelled"})'
             ' / sum(smart_upstream_attempts_total{outcome!="cancelled"})'
