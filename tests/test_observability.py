@@ -122,11 +122,11 @@ def mix(simulator: SimulatorProcess, tmp_path_factory: pytest.TempPathFactory) -
             sent.send(server, 20, "?timeout=2000")
             if wait_until(lambda: len(served_by(server)) == 2, 1.0):
                 break
-        # Attempt 1 fails fast, 2 wins, 3 (already sent) is cancelled.
+        # Attempt 1 fails fast, 2 wins after 100 ms, 3 (long since sent) is cancelled.
         simulator.by_attempt(
             {
                 "1": {"kind": "status", "status": 503, "delay_ms": 5},
-                "2": {"kind": "ok", "delay_ms": 20},
+                "2": {"kind": "ok", "delay_ms": 100},
                 "3": {"kind": "ok", "delay_ms": 500},
             }
         )
