@@ -74,6 +74,8 @@ control_socket_disable = True
 # error log (start-up, worker lifecycle, tracebacks) on stderr. SMART_LOG_LEVEL sets
 # both gunicorn's and the application's level.
 loglevel = os.environ.get("SMART_LOG_LEVEL", "info").strip().lower() or "info"
+if loglevel not in ("debug", "info", "warning", "error", "critical"):
+    raise SystemExit(f"SMART_LOG_LEVEL must be a logging level, got {loglevel!r}")
 # One line per HTTP request of any path; the application's richer line per /api/smart
 # request is separate. SMART_ACCESS_LOG=false silences it.
 _access_log = os.environ.get("SMART_ACCESS_LOG", "true").strip().lower() not in (
