@@ -76,14 +76,22 @@ control_socket_disable = True
 loglevel = os.environ.get("SMART_LOG_LEVEL", "info").strip().lower() or "info"
 if loglevel not in ("debug", "info", "warning", "error", "critical"):
     raise SystemExit(f"SMART_LOG_LEVEL must be a logging level, got {loglevel!r}")
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SystemExit(f"{name} must be true or false, got {raw!r}")
+
+
 # One line per HTTP request of any path; the application's richer line per /api/smart
 # request is separate. SMART_ACCESS_LOG=false silences it.
-_access_log = os.environ.get("SMART_ACCESS_LOG", "true").strip().lower() not in (
-    "0",
-    "false",
-    "no",
-    "off",
-)
+_access_log = _env_bool("SMART_ACCESS_LOG", True)
 
 
 #: Attributes every LogRecord has; anything else given as ``extra`` is a field.
