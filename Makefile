@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed
 LINTED := smart tests $(wildcard bench scripts)
 CI_STAMP := $(VENV)/.ci-installed
 
-.PHONY: install run test lint fmt bench bench-profile soak clean licenses check-deploy
+.PHONY: install run test lint fmt bench bench-profile soak clean licenses check-deploy \
+	check-alerts instrumentation-cost
 
 install: $(STAMP)
 
@@ -61,6 +62,16 @@ bench: $(STAMP)
 # Where a request's CPU goes, by library (py-spy on one loaded worker).
 bench-profile: $(STAMP)
 	@bash bench/bench.sh --profile
+
+# Validates and unit-tests the Prometheus alert rules; installs promtool if needed.
+check-alerts:
+	@bash scripts/ensure-prometheus.sh
+	promtool check rules deploy/prometheus/alerts.yml
+	promtool test rules deploy/prometheus/alerts_test.yml
+
+# Throughput and p50 with metrics and logs on vs off, then each signal's CPU cost (~40 s).
+instrumentation-cost: $(STAMP)
+	$(BIN)/python bench/instrumentation_cost.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -7,6 +7,7 @@ patching) and kept in ``app.extensions["smart"]``; never a module global.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from gevent.pool import Pool
 
@@ -14,6 +15,9 @@ from smart.admission import HedgeBudget, InFlightLimiter
 from smart.config import Settings
 from smart.telemetry import Telemetry
 from smart.upstream import UpstreamClient
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 
 @dataclass(slots=True)
@@ -27,7 +31,8 @@ class Runtime:
     draining: bool = field(default=False)
 
     @classmethod
-    def build(cls, settings: Settings) -> Runtime:
+    def build(cls, settings: Settings, tracer_provider: TracerProvider | None = None) -> Runtime:
+        """``tracer_provider`` replaces the one the ``OTEL_*`` variables would configure."""
         budget = None
         if settings.hedge_budget_ratio > 0:
             budget = HedgeBudget(
@@ -41,9 +46,10 @@ class Runtime:
             pool=Pool(settings.max_upstream_in_flight),
             limiter=InFlightLimiter(settings.max_in_flight),
             budget=budget,
-            telemetry=Telemetry(settings.log_requests),
+            telemetry=Telemetry.build(settings, tracer_provider),
         )
 
     def close(self) -> None:
         self.pool.kill(block=True, timeout=1)
         self.client.close()
+        self.telemetry.close()
