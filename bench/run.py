@@ -29,6 +29,8 @@ from smart.simulator_process import SimulatorProcess
 #: After wrk stops: long enough for the server to see every client close and finish
 #: the requests wrk abandoned (a hung attempt ends at the 3 s attempt limit).
 IDLE_S = 4.0
+#: Longest wait for the simulator's calls of a stopped server to end.
+SETTLE_S = 10.0
 #: How often resources are sampled during a point, for the peak.
 SAMPLE_EVERY_S = 1.0
 
@@ -210,6 +212,15 @@ def serving(kind: str, simulator: SimulatorProcess, env: dict[str, str]) -> Iter
     env = {"SMART_UPSTREAM_URL": simulator.work_url, **env}
     with Server(kind, env, RAW / f"{kind}.log") as server:
         yield server
+    settle(simulator)
+
+
+def settle(simulator: SimulatorProcess) -> None:
+    """Wait (bounded) for the simulator to finish the calls a stopped server left behind,
+    so one server's leftovers do not slow the next one's first point."""
+    deadline = time.monotonic() + SETTLE_S
+    while time.monotonic() < deadline and simulator.stats()["in_flight"] > 0:
+        time.sleep(0.2)
 
 
 def run(plan: Plan, only: set[str] | None) -> list[Point]:
