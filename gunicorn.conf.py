@@ -37,6 +37,8 @@ worker_class = "gevent"
 # that requests past the admission cap reach the app and get a fast 503 instead of
 # waiting unseen in the kernel backlog.
 worker_connections = _env_int("SMART_WORKER_CONNECTIONS", 4096)
+if _env_int("SMART_MAX_IN_FLIGHT", 0) >= worker_connections:
+    raise SystemExit("SMART_MAX_IN_FLIGHT must stay below SMART_WORKER_CONNECTIONS")
 # For async workers this is a heartbeat, not a request timeout: a worker whose loop
 # has been blocked this long is killed and replaced.
 timeout = _env_int("SMART_WORKER_HEARTBEAT_S", 30)

@@ -54,6 +54,13 @@ class Settings:
     max_body_bytes: int = _setting(
         16_384, "Largest upstream body accepted; a longer one is a failed attempt.", minimum=16
     )
+    min_attempt_ms: int = _setting(
+        5,
+        "Start no attempt with less time than this left before the request's deadline: "
+        "it could not succeed, only cost a connection (raise it to the upstream's "
+        "fastest answer, ~100 for the production upstream).",
+        minimum=0,
+    )
     max_in_flight: int = _setting(
         512,
         "Requests to /api/smart one worker serves at once; beyond it a 503 is immediate.",
@@ -88,6 +95,10 @@ class Settings:
     @property
     def attempt_timeout_s(self) -> float:
         return self.attempt_timeout_ms / 1000
+
+    @property
+    def min_attempt_s(self) -> float:
+        return self.min_attempt_ms / 1000
 
     @property
     def attempts_per_request(self) -> int:

@@ -50,6 +50,7 @@ def log_fields(record: RequestRecord) -> dict[str, object]:
         winner = result.winner.attempt if result.winner else None
         fields["hedge_trigger"] = result.trigger
         fields["hedges_suppressed"] = result.hedges_suppressed
+        fields["hedges_too_late"] = result.hedges_too_late
         fields["attempts"] = [
             {**o.summary(), "won": o.attempt == winner, "detail": o.detail or None}
             for o in result.outcomes
