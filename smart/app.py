@@ -16,6 +16,7 @@ from smart.config import Settings
 from smart.logs import configure_logging
 from smart.params import request_id_from
 from smart.runtime import Runtime
+from smart.shutdown import drain_on_sigterm
 
 log = logging.getLogger("smart")
 
@@ -30,6 +31,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(probes.bp)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
+    drain_on_sigterm(app.extensions["smart"])
     log.info("worker ready", extra={"settings": settings.public()})
     return app
 
