@@ -11,7 +11,7 @@ import logging
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from smart import api, errors, probes
+from smart import api, debug, errors, probes
 from smart.config import Settings
 from smart.logs import configure_logging
 from smart.params import request_id_from
@@ -29,6 +29,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["smart"] = Runtime.build(settings)
     app.register_blueprint(api.bp)
     app.register_blueprint(probes.bp)
+    if settings.debug_endpoints:
+        app.register_blueprint(debug.bp)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
     drain_on_sigterm(app.extensions["smart"])

@@ -67,6 +67,9 @@ class Settings:
         minimum=1,
     )
     retry_after_s: int = _setting(1, "Retry-After sent with a 503.", minimum=0)
+    debug_endpoints: bool = _setting(
+        False, "Serve /debug/runtime (in-flight counts, greenlets) for leak hunting."
+    )
     hedge_budget_ratio: float = _setting(
         0.0,
         "Cap hedged attempts at this share of first attempts over the window "

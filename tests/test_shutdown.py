@@ -72,8 +72,7 @@ def test_sigterm_finishes_requests_in_flight_refuses_new_ones_and_exits_zero(
             pool = Pool(IN_FLIGHT)
             queries = ["?timeout=20000", ""] * (IN_FLIGHT // 2)
             answers = [
-                pool.spawn(requests.get, f"{server.url}/api/smart{q}", timeout=30)
-                for q in queries
+                pool.spawn(requests.get, f"{server.url}/api/smart{q}", timeout=30) for q in queries
             ]
             assert wait_until(lambda: sim.stats()["in_flight"] == IN_FLIGHT, IN_FLIGHT_S / 2)
             signalled = time.monotonic()
