@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+LINTED := smart tests $(wildcard bench scripts)
+CI_STAMP := $(VENV)/.ci-installed
 
-.PHONY: install run test lint fmt bench soak clean
+.PHONY: install run test lint fmt bench soak clean licenses check-deploy
 
 install: $(STAMP)
 
@@ -24,13 +26,32 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check smart tests bench
-	$(BIN)/ruff format --check smart tests bench
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy smart
 
 fmt: $(STAMP)
-	$(BIN)/ruff format smart tests bench
-	$(BIN)/ruff check --fix smart tests bench
+	$(BIN)/ruff format $(LINTED)
+	$(BIN)/ruff check --fix $(LINTED)
+
+# Dockerfile, compose, Prometheus/Grafana provisioning, Kubernetes manifests and the
+# runtime dependencies' licences: lint, validate, cross-check (scripts/check-deploy.sh).
+check-deploy: $(STAMP)
+	@bash scripts/check-deploy.sh
+
+# Rewrites docs/LICENSES.md from a fresh install of requirements.txt; fails (and keeps
+# the old file) if a licence is outside the allow-list in scripts/check_licenses.py.
+licenses: $(CI_STAMP)
+	@mkdir -p docs
+	@$(BIN)/python scripts/check_licenses.py > docs/LICENSES.md.tmp \
+		|| { rm -f docs/LICENSES.md.tmp; exit 1; }
+	@mv docs/LICENSES.md.tmp docs/LICENSES.md
+	@echo "wrote docs/LICENSES.md"
+
+# The tools of check-deploy, on top of the dev venv; the same stamp the script uses.
+$(CI_STAMP): requirements-ci.txt $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-ci.txt
+	@touch $@
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

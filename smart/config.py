@@ -116,9 +116,7 @@ class Settings:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             minimum = f.metadata["minimum"]
-            if minimum is not None and (
-                not math.isfinite(value) or value < minimum
-            ):
+            if minimum is not None and (not math.isfinite(value) or value < minimum):
                 raise ConfigError(f"{env_name(f.name)} must be >= {minimum}, got {value!r}")
         parts = urlsplit(self.upstream_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -151,9 +149,7 @@ def env_name(field_name: str) -> str:
 
 def describe() -> list[tuple[str, Any, str]]:
     """(variable, default, doc) for every setting: the README's table is this list."""
-    return [
-        (env_name(f.name), f.default, f.metadata["doc"]) for f in dataclasses.fields(Settings)
-    ]
+    return [(env_name(f.name), f.default, f.metadata["doc"]) for f in dataclasses.fields(Settings)]
 
 
 def _parse(name: str, raw: str, kind: type) -> Any:
@@ -167,4 +163,6 @@ def _parse(name: str, raw: str, kind: type) -> Any:
     try:
         return kind(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
+        raise ConfigError(
+            f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}"
+        ) from None

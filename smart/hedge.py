@@ -166,7 +166,9 @@ class _Run:
             greenlet = self.pool.spawn(self.attempt, self.started, self.t0)
             self.running[greenlet] = (self.started, self.now())
 
-    def until_decided(self, hedge_delay_s: float, fanout: int, permit: Permit | None) -> Outcome | None:
+    def until_decided(
+        self, hedge_delay_s: float, fanout: int, permit: Permit | None
+    ) -> Outcome | None:
         """Wait for attempts until one succeeds (returned) or all failed (None)."""
         self.start(1)
         hedged = fanout == 0

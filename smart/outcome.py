@@ -7,10 +7,10 @@ nothing from the rest of the package.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     """How an attempt ended. The values are the metric labels and log fields."""
 
     SUCCESS = "success"

@@ -9,7 +9,7 @@ import re
 import uuid
 
 # ASCII digits only: str.isdigit() and int() also accept other scripts' digits
-# ("٥"), signs and surrounding spaces, all of which the contract rejects.
+# (U+0665, ARABIC-INDIC FIVE), signs and surrounding spaces, which the contract rejects.
 _DECIMAL = re.compile(r"[0-9]{1,12}")
 # Echoed into logs, headers and the upstream request: keep it short and inert.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")

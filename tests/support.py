@@ -5,6 +5,7 @@ Every wait is bounded, and only processes started here are stopped, by their PID
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -141,8 +142,6 @@ class Gunicorn:
 
     def request_lines(self) -> Iterator[dict[str, object]]:
         """The JSON request log lines written so far."""
-        import json
-
         for line in list(self.stdout):
             if '"msg": "request"' in line:
                 yield json.loads(line)

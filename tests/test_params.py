@@ -19,8 +19,25 @@ def test_valid_timeouts(values: list[str], expected: int | None) -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    ["", "abc", "1.5", "-5", "0", "+5", " 5", "5 ", "60001", "1e3", "0x10", "٥", "５", "1_000",
-     "9" * 5000, "\x00", "5\n"],
+    [
+        "",
+        "abc",
+        "1.5",
+        "-5",
+        "0",
+        "+5",
+        " 5",
+        "5 ",
+        "60001",
+        "1e3",
+        "0x10",
+        "٥",
+        "５",
+        "1_000",
+        "9" * 5000,
+        "\x00",
+        "5\n",
+    ],
 )
 def test_invalid_timeouts_name_the_parameter_and_the_rule(raw: str) -> None:
     with pytest.raises(InvalidTimeout) as caught:

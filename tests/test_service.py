@@ -16,7 +16,7 @@ import pytest
 import requests
 from gevent.pool import Pool
 
-from smart.simulator import SimulatorProcess
+from smart.simulator_process import SimulatorProcess
 from tests.support import Gunicorn, open_fds, wait_until
 
 #: The hedge delay under test (the contract's 300 ms).
@@ -41,7 +41,9 @@ def simulator() -> Iterator[SimulatorProcess]:
 
 
 @pytest.fixture(scope="module")
-def server(simulator: SimulatorProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
+def server(
+    simulator: SimulatorProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gunicorn]:
     env = {"SMART_UPSTREAM_URL": simulator.work_url}
     with Gunicorn(env, tmp_path=tmp_path_factory.mktemp("smart")) as gunicorn:
         yield gunicorn
@@ -154,7 +156,9 @@ def test_hedges_start_at_once_when_the_first_attempt_fails(
 def test_all_attempts_failing_is_a_502_answered_at_once(
     server: Gunicorn, simulator: SimulatorProcess
 ) -> None:
-    simulator.by_attempt({str(n): {"kind": "status", "status": 503, "delay_ms": 20} for n in (1, 2, 3)})
+    simulator.by_attempt(
+        {str(n): {"kind": "status", "status": 503, "delay_ms": 20} for n in (1, 2, 3)}
+    )
     response = get(server, "?timeout=10000")
     body = assert_error_shape(response, 502, "upstream_failed")
     assert [a["outcome"] for a in body["attempts"]] == ["http_503"] * 3
@@ -216,7 +220,11 @@ FAILURES = [
 ]
 
 
-@pytest.mark.parametrize(("behaviour", "outcome"), FAILURES, ids=[o[0]["kind"] + str(o[0].get("status", "")) for o in FAILURES])
+@pytest.mark.parametrize(
+    ("behaviour", "outcome"),
+    FAILURES,
+    ids=[o[0]["kind"] + str(o[0].get("status", "")) for o in FAILURES],
+)
 def test_each_failure_kind_fails_the_attempt_and_a_hedge_rescues_it(
     server: Gunicorn, simulator: SimulatorProcess, behaviour: dict[str, Any], outcome: str
 ) -> None:
@@ -274,9 +282,18 @@ def test_a_deadline_cancels_every_attempt_and_closes_their_connections(
 # --- the HTTP edge -----------------------------------------------------------------
 
 INVALID_TIMEOUTS = [
-    "?timeout=", "?timeout", "?timeout=abc", "?timeout=1.5", "?timeout=-5", "?timeout=0",
-    "?timeout=%2B5", "?timeout=%205", "?timeout=60001", "?timeout=1&timeout=2",
-    "?timeout=%D9%A5", "?timeout=" + "9" * 400,
+    "?timeout=",
+    "?timeout",
+    "?timeout=abc",
+    "?timeout=1.5",
+    "?timeout=-5",
+    "?timeout=0",
+    "?timeout=%2B5",
+    "?timeout=%205",
+    "?timeout=60001",
+    "?timeout=1&timeout=2",
+    "?timeout=%D9%A5",
+    "?timeout=" + "9" * 400,
 ]
 
 
@@ -338,11 +355,15 @@ def test_without_a_timeout_a_hanging_upstream_still_ends_in_a_504(
     response = get(bounded_server)
     body = assert_error_shape(response, 504, "upstream_timeout")
     assert [a["outcome"] for a in body["attempts"]] == ["timeout"] * 3
-    assert response.elapsed.total_seconds() <= 0.6 + 0.03 + TOLERANCE_S
+    # The last attempts start at the 30 ms hedge and end at their own 600 ms limit;
+    # what matters here is that the request ends at all, so the margin is generous.
+    assert response.elapsed.total_seconds() <= 0.03 + 0.6 + 5 * TOLERANCE_S
 
 
 def test_a_refused_upstream_is_a_prompt_502(tmp_path: Path) -> None:
-    with Gunicorn({"SMART_UPSTREAM_URL": "http://127.0.0.1:9/api/work"}, workers=1, tmp_path=tmp_path) as srv:
+    with Gunicorn(
+        {"SMART_UPSTREAM_URL": "http://127.0.0.1:9/api/work"}, workers=1, tmp_path=tmp_path
+    ) as srv:
         body = assert_error_shape(get(srv, "?timeout=5000"), 502, "upstream_failed")
     assert [a["outcome"] for a in body["attempts"]] == ["connect_error"] * 3
 

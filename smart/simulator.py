@@ -1,0 +1,288 @@
+"""The simulated upstream: ``GET /api/work`` with configurable latency and faults.
+
+``make run``, the tests and the benchmark use it in place of the real upstream. A
+``/_sim/*`` control API on the same port scripts behaviours and reports what each call
+saw, including clients that gave up. Run it with ``python -m smart.simulator``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, replace
+from typing import Any
+
+import gevent
+import gevent.event
+from gevent import monkey, pywsgi
+
+from smart.simulator_behaviours import BEHAVIOURS, Call, CallRecord, RawConnection, Step
+from smart.simulator_config import RUNTIME_OPTIONS, SimulatorConfig, parse_args
+from smart.simulator_process import SimulatorError, SimulatorProcess
+
+__all__ = ["Simulator", "SimulatorConfig", "SimulatorError", "SimulatorProcess", "main"]
+
+WORK_PATH = "/api/work"
+SOCKET_KEY = "smart.simulator.socket"
+CONNECTION_KEY = "smart.simulator.connection"
+RECENT_LIMIT = 1000
+MAX_CONTROL_BODY = 1024 * 1024
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+StartResponse = Callable[[str, list[tuple[str, str]]], object]
+Reply = tuple[int, dict[str, Any]]
+Handler = Callable[[dict[str, Any]], Reply | None]
+
+
+class Stats:
+    """Counters since the last reset, and the most recent calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.completed = 0
+        self.client_closed = 0
+        self.connections_total = 0
+        self.recent: deque[CallRecord] = deque(maxlen=RECENT_LIMIT)
+
+    def start(self, environ: Mapping[str, Any]) -> CallRecord:
+        self.calls += 1
+        record = CallRecord(
+            id=self.calls,
+            request_id=environ.get("HTTP_X_REQUEST_ID"),
+            attempt=environ.get("HTTP_X_SMART_ATTEMPT"),
+            traceparent=environ.get("HTTP_TRACEPARENT"),
+            started=time.monotonic(),
+        )
+        self.recent.append(record)
+        return record
+
+    def end(self, record: CallRecord) -> None:
+        if record.client_closed_at is not None:
+            record.ended = record.client_closed_at
+            self.client_closed += 1
+        else:
+            record.ended = time.monotonic()
+        self.completed += 1
+
+
+class Simulator:
+    """The WSGI application: ``/api/work`` plus the ``/_sim`` control API.
+
+    Scripted steps are used first (FIFO, one per call), then the behaviour set for the
+    call's ``X-Smart-Attempt`` value, then a draw from the configured default.
+    """
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        self.config = config
+        self.rng = random.Random(config.seed)
+        self.steps: deque[Step] = deque()
+        self.by_attempt: dict[str, Step] = {}
+        self.stats = Stats()
+        # Gauges of the present: they survive a reset, unlike the counters.
+        self.in_flight = 0
+        self.connections_open = 0
+        self._routes: dict[str, dict[str, Handler]] = {
+            WORK_PATH: {"GET": self._get_work},
+            "/_sim/script": {"POST": self._post_script},
+            "/_sim/reset": {"POST": self._post_reset},
+            "/_sim/config": {"GET": self._get_config, "POST": self._post_config},
+            "/_sim/stats": {"GET": self._get_stats},
+        }
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path, method = environ.get("PATH_INFO", ""), environ["REQUEST_METHOD"]
+        methods = self._routes.get(path)
+        headers: list[tuple[str, str]] = []
+        reply: Reply | None
+        if methods is None:
+            reply = 404, {"error": "not_found", "message": f"no route {path}"}
+        elif method not in methods:
+            reply = 405, {"error": "method_not_allowed", "message": f"{method} {path}"}
+            headers.append(("Allow", ", ".join(methods)))
+        else:
+            try:
+                reply = methods[method](environ)
+            except ValueError as exc:
+                reply = 400, {"error": "bad_request", "message": str(exc)}
+        if reply is None:
+            return []  # the behaviour wrote (or refused) the response on the socket itself
+        status, payload = reply
+        body = json.dumps(payload).encode()
+        headers += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        start_response(f"{status} {_reason(status)}", headers)
+        return [body]
+
+    def _get_work(self, environ: dict[str, Any]) -> None:
+        """Answer one ``/api/work`` call: choose a step, wait its delay, behave."""
+        stats = self.stats
+        record = stats.start(environ)
+        step = self.next_step(record.attempt)
+        record.kind = step.label
+        call = Call(environ[CONNECTION_KEY], record)
+        self.in_flight += 1
+        try:
+            started = time.monotonic()
+            if step.kind == "hang" or call.wait(step.delay_ms / 1000):
+                call.slept_ms = round((time.monotonic() - started) * 1000)
+                BEHAVIOURS[step.kind](call, step)
+        finally:
+            self.in_flight -= 1
+            stats.end(record)
+
+    def next_step(self, attempt: str | None) -> Step:
+        if self.steps:
+            return self.steps.popleft()
+        if attempt is not None and attempt.strip() in self.by_attempt:
+            return self.by_attempt[attempt.strip()]
+        config, rng = self.config, self.rng
+        if config.mode == "fixed":
+            delay_ms = float(config.fixed_ms)
+        else:
+            delay_ms = rng.uniform(config.min_ms, config.max_ms)
+        kind = "ok"
+        if rng.random() < config.failure_rate:
+            kind = rng.choice(config.failure_kinds)
+        return replace(Step.named(kind), delay_ms=delay_ms)
+
+    def _post_script(self, environ: dict[str, Any]) -> Reply:
+        body = _read_json(environ)
+        if not isinstance(body, dict) or not {"steps", "by_attempt"} & set(body):
+            raise ValueError('expected {"steps": [...]} and/or {"by_attempt": {...}}')
+        steps, by_attempt = body.get("steps"), body.get("by_attempt")
+        if steps is not None and not isinstance(steps, list):
+            raise ValueError("steps must be a list")
+        if by_attempt is not None and not isinstance(by_attempt, dict):
+            raise ValueError("by_attempt must be an object keyed by attempt number")
+        # Parse everything before changing anything: a bad script changes nothing.
+        parsed_steps = [Step.parse(step) for step in steps or []]
+        parsed_by_attempt = {str(k).strip(): Step.parse(v) for k, v in (by_attempt or {}).items()}
+        if steps is not None:
+            self.steps = deque(parsed_steps)
+        if by_attempt is not None:
+            self.by_attempt = parsed_by_attempt
+        return 200, {"pending_steps": len(self.steps), "by_attempt": sorted(self.by_attempt)}
+
+    def _post_reset(self, environ: dict[str, Any]) -> Reply:
+        self.steps.clear()
+        self.by_attempt.clear()
+        self.stats = Stats()
+        self.rng.seed(self.config.seed)  # a seeded sequence replays from its start
+        return 200, {"reset": True}
+
+    def _get_config(self, environ: dict[str, Any]) -> Reply:
+        return 200, self.config.public()
+
+    def _post_config(self, environ: dict[str, Any]) -> Reply:
+        body = _read_json(environ)
+        if not isinstance(body, dict):
+            raise ValueError("expected a JSON object of options")
+        self.config = self.config.updated(body, RUNTIME_OPTIONS)
+        if "seed" in body:
+            self.rng.seed(self.config.seed)
+        return 200, self.config.public()
+
+    def _get_stats(self, environ: dict[str, Any]) -> Reply:
+        stats = self.stats
+        return 200, {
+            "calls": stats.calls,
+            "in_flight": self.in_flight,
+            "completed": stats.completed,
+            "client_closed": stats.client_closed,
+            "connections_open": self.connections_open,
+            "connections_total": stats.connections_total,
+            "pending_steps": len(self.steps),
+            "now": time.monotonic(),
+            "recent": [asdict(record) for record in stats.recent],
+        }
+
+
+def _read_json(environ: Mapping[str, Any]) -> object:
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise ValueError("bad Content-Length") from None
+    if length > MAX_CONTROL_BODY:
+        raise ValueError(f"body over {MAX_CONTROL_BODY} bytes")
+    raw = environ["wsgi.input"].read(length) if length else b""
+    try:
+        return json.loads(raw) if raw.strip() else None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"body is not JSON: {exc}") from None
+
+
+def _reason(status: int) -> str:
+    return {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}[status]
+
+
+class _Handler(pywsgi.WSGIHandler):  # type: ignore[misc]
+    """gevent's handler, plus TCP_NODELAY, connection counts and the raw socket in environ."""
+
+    def handle(self) -> None:
+        simulator: Simulator = self.server.application
+        simulator.connections_open += 1
+        simulator.stats.connections_total += 1
+        # Without it Nagle + delayed ACK stall small writes by ~40 ms. A failure means
+        # the client is already gone, which reading its request will find out.
+        with contextlib.suppress(OSError):
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            super().handle()
+        finally:
+            simulator.connections_open -= 1
+
+    def get_environ(self) -> dict[str, Any]:
+        environ: dict[str, Any] = super().get_environ()
+        environ[SOCKET_KEY] = self.socket
+        environ[CONNECTION_KEY] = RawConnection(
+            self.socket, keep_alive=not self.close_connection, release=self._release
+        )
+        return environ
+
+    def _release(self) -> None:
+        self.close_connection = True
+        self.rfile.close()
+
+
+def serve(config: SimulatorConfig) -> int:
+    """Listen until SIGTERM or SIGINT; announce the port as one JSON line on stdout."""
+    simulator = Simulator(config)
+    server = pywsgi.WSGIServer(
+        (config.host, config.port),
+        simulator,
+        handler_class=_Handler,
+        backlog=1024,
+        log=None,
+        # A preset name spares the reverse DNS lookup gevent does otherwise at start.
+        environ={"SERVER_NAME": config.host},
+    )
+    # Handlers first: a signal sent as soon as the port is announced must stop us cleanly.
+    stopping = gevent.event.Event()
+    handlers = [gevent.signal_handler(signum, stopping.set) for signum in STOP_SIGNALS]
+    server.start()
+    host, port = server.address[:2]
+    print(json.dumps({"event": "listening", "host": host, "port": port}), flush=True)
+    stopping.wait()
+    for handler in handlers:
+        handler.cancel()
+    # Calls in flight are cut, not drained: nothing a simulated upstream does is worth
+    # finishing, and hung calls would hold the exit for minutes.
+    server.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # First, before the server's sockets exist; imports alone patch nothing.
+    monkey.patch_all()
+    return serve(parse_args(argv, os.environ))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
