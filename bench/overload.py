@@ -99,11 +99,14 @@ def hedges(levels: list[int], upstream_ms: int) -> None:
         # SMART_* settings of the caller apply (e.g. SMART_HEDGE_BUDGET_RATIO=0.1).
         env.update({k: v for k, v in os.environ.items() if k.startswith("SMART_")})
         with Gunicorn(env, workers=1) as server:
+            (pid,) = server.worker_pids()
             for connections in levels:
                 sim.reset()
                 lags: list[float] = []
                 probing = gevent.spawn(probe_health, server.url, lags)
+                before = cpu_s(pid)
                 result = wrk(server.url + "/api/smart", connections)
+                used = cpu_s(pid) - before
                 probing.kill()
                 by_attempt = collections.Counter(c["attempt"] for c in sim.stats()["recent"])
                 share = 1 - by_attempt["1"] / max(1, sum(by_attempt.values()))
@@ -113,7 +116,8 @@ def hedges(levels: list[int], upstream_ms: int) -> None:
                     f"p50 {result.get('p50_ms', 0):6.0f} ms  "
                     f"p99 {result.get('p99_ms', 0):6.0f} ms  "
                     f"hedged attempts {share:4.0%}  "
-                    f"/healthz p50 {statistics.median(lags):5.0f} ms"
+                    f"/healthz p50 {statistics.median(lags):5.0f} ms  "
+                    f"worker CPU {used / result['requests'] * 1000:4.1f} ms per answer"
                 )
 
 
