@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 LINTED := smart tests $(wildcard bench scripts)
 CI_STAMP := $(VENV)/.ci-installed
 
-.PHONY: install run test lint fmt bench soak clean licenses check-deploy
+.PHONY: install run test lint fmt bench soak clean licenses check-deploy check-alerts instrumentation-cost
 
 install: $(STAMP)
 
@@ -58,6 +58,16 @@ licenses: $(CI_STAMP)
 $(CI_STAMP): requirements-ci.txt $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-ci.txt
 	@touch $@
+
+# Validates and unit-tests the Prometheus alert rules; installs promtool if needed.
+check-alerts:
+	@bash scripts/ensure-prometheus.sh
+	promtool check rules deploy/prometheus/alerts.yml
+	promtool test rules deploy/prometheus/alerts_test.yml
+
+# Throughput and p50 with metrics and logs on vs off, then each signal's CPU cost (~40 s).
+instrumentation-cost: $(STAMP)
+	$(BIN)/python bench/instrumentation_cost.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -13,32 +13,36 @@ from smart.hedge import HedgeError, HedgeResult, hedge
 from smart.params import InvalidTimeout, parse_timeout_ms, request_id_from
 from smart.runtime import Runtime
 from smart.telemetry import RequestRecord
+from smart.tracing import RequestSpan
 
 bp = Blueprint("api", __name__)
 
 
-@bp.get("/api/smart")
+@bp.get("/api/smart", provide_automatic_options=False)
 def smart() -> Response:
     t0 = time.monotonic()
     runtime: Runtime = current_app.extensions["smart"]
     settings = runtime.settings
     request_id = request_id_from(request.headers.get("X-Request-ID"))
+    span = runtime.telemetry.request_started(request.headers, request_id)
     timeout_ms: int | None = None
     result: HedgeResult | None = None
     try:
         timeout_ms = parse_timeout_ms(request.args.getlist("timeout"), settings.max_timeout_ms)
     except InvalidTimeout as exc:
-        return _fail(runtime, errors.invalid_timeout(str(exc)), request_id, None, t0)
+        return _fail(runtime, errors.invalid_timeout(str(exc)), request_id, None, t0, span=span)
     if not runtime.limiter.try_acquire():
         error = errors.overloaded(settings.retry_after_s, runtime.limiter.limit)
-        return _fail(runtime, error, request_id, timeout_ms, t0)
+        return _fail(runtime, error, request_id, timeout_ms, t0, span=span)
+    runtime.telemetry.admitted()
     try:
         if runtime.budget is not None:
             runtime.budget.record_first()
         # With a deadline the hedger kills the attempts; without one each is bounded.
         limit_s = None if timeout_ms is not None else settings.attempt_timeout_s
+        fetch = partial(runtime.client.fetch_once, request_id=request_id, limit_s=limit_s)
         result = hedge(
-            partial(runtime.client.fetch_once, request_id=request_id, limit_s=limit_s),
+            runtime.telemetry.instrument(fetch, span),
             pool=runtime.pool,
             hedge_delay_s=settings.hedge_delay_s,
             fanout=settings.hedge_fanout,
@@ -50,14 +54,20 @@ def smart() -> Response:
     except HedgeError as exc:
         limit_ms = timeout_ms if timeout_ms is not None else settings.attempt_timeout_ms
         error = errors.from_hedge_error(exc, timeout_ms, limit_ms)
-        return _fail(runtime, error, request_id, timeout_ms, t0, exc.result)
+        return _fail(runtime, error, request_id, timeout_ms, t0, exc.result, span)
     finally:
         runtime.limiter.release()
-    return _succeed(runtime, result, request_id, timeout_ms, t0)
+        runtime.telemetry.released()
+    return _succeed(runtime, result, request_id, timeout_ms, t0, span)
 
 
 def _succeed(
-    runtime: Runtime, result: HedgeResult, request_id: str, timeout_ms: int | None, t0: float
+    runtime: Runtime,
+    result: HedgeResult,
+    request_id: str,
+    timeout_ms: int | None,
+    t0: float,
+    span: RequestSpan | None,
 ) -> Response:
     winner = result.winner
     assert winner is not None and winner.body is not None
@@ -70,7 +80,7 @@ def _succeed(
         f"total;dur={elapsed * 1000:.1f}"
     )
     runtime.telemetry.request_finished(
-        RequestRecord(request_id, 200, "success", timeout_ms, elapsed, result)
+        RequestRecord(request_id, 200, "success", timeout_ms, elapsed, result, span)
     )
     return response
 
@@ -82,6 +92,7 @@ def _fail(
     timeout_ms: int | None,
     t0: float,
     result: HedgeResult | None = None,
+    span: RequestSpan | None = None,
 ) -> Response:
     elapsed = time.monotonic() - t0
     response = render(error, request_id)
@@ -89,7 +100,7 @@ def _fail(
         response.headers.update(_attempt_headers(request_id, result))
     response.headers["Server-Timing"] = f"total;dur={elapsed * 1000:.1f}"
     runtime.telemetry.request_finished(
-        RequestRecord(request_id, error.status, error.code, timeout_ms, elapsed, result)
+        RequestRecord(request_id, error.status, error.code, timeout_ms, elapsed, result, span)
     )
     return response
 

@@ -7,8 +7,9 @@ monkey patching, so everything built here belongs to one worker.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-from flask import Flask, Response, request
+from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
 from smart import api, debug, errors, probes
@@ -18,15 +19,21 @@ from smart.params import request_id_from
 from smart.runtime import Runtime
 from smart.shutdown import drain_on_sigterm
 
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
 log = logging.getLogger("smart")
 
 
-def create_app(settings: Settings | None = None) -> Flask:
-    """Build one worker's app; ``settings`` defaults to the environment's."""
+def create_app(
+    settings: Settings | None = None, *, tracer_provider: TracerProvider | None = None
+) -> Flask:
+    """Build one worker's app; ``settings`` defaults to the environment's, and tracing
+    to what the ``OTEL_*`` variables ask for unless a ``tracer_provider`` is given."""
     settings = Settings.from_env() if settings is None else settings
     configure_logging(settings.log_level)
     app = Flask("smart")
-    app.extensions["smart"] = Runtime.build(settings)
+    app.extensions["smart"] = Runtime.build(settings, tracer_provider)
     app.register_blueprint(api.bp)
     app.register_blueprint(probes.bp)
     if settings.debug_endpoints:
@@ -51,6 +58,9 @@ def _http_error(exc: HTTPException) -> Response:
 
 def _unexpected_error(exc: Exception) -> Response:
     log.exception("unhandled error", extra={"request_id": _request_id(), "path": request.path})
+    if request.endpoint == "api.smart":
+        runtime: Runtime = current_app.extensions["smart"]
+        runtime.telemetry.request_crashed()
     return api.render(errors.internal_error(), _request_id())
 
 

@@ -86,6 +86,9 @@ class Settings:
     )
     log_level: str = _setting("INFO", "Level of the application's JSON log.")
     log_requests: bool = _setting(True, "Write one JSON line per /api/smart request.")
+    metrics: bool = _setting(
+        True, "Record Prometheus metrics and serve them on /metrics (off: /metrics is a 404)."
+    )
 
     @property
     def hedge_delay_s(self) -> float:

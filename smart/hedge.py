@@ -148,6 +148,7 @@ class _Run:
         self.min_attempt_s = min_attempt_s
         self.too_late_hedges = 0
         self.running: dict[Greenlet, tuple[int, float]] = {}  # greenlet -> (number, start)
+        self.ran: set[int] = set()  # attempts whose greenlet got to run
         self.outcomes: list[Outcome] = []
         self.trigger: str | None = None
         self.suppressed = 0
@@ -163,8 +164,12 @@ class _Run:
     def start(self, count: int) -> None:
         for _ in range(count):
             self.started += 1
-            greenlet = self.pool.spawn(self.attempt, self.started, self.t0)
+            greenlet = self.pool.spawn(self.run, self.started)
             self.running[greenlet] = (self.started, self.now())
+
+    def run(self, number: int) -> Outcome:
+        self.ran.add(number)
+        return self.attempt(number, self.t0)
 
     def until_decided(
         self, hedge_delay_s: float, fanout: int, permit: Permit | None
@@ -201,7 +206,7 @@ class _Run:
 
     def finish(self, greenlet: Greenlet) -> Outcome:
         number, started = self.running.pop(greenlet)
-        outcome = _outcome_of(greenlet, number, started, self.now())
+        outcome = _outcome_of(greenlet, number, started, self.now(), number in self.ran)
         self.outcomes.append(outcome)
         return outcome
 
@@ -217,9 +222,11 @@ class _Run:
             self.finish(greenlet)
 
 
-def _outcome_of(greenlet: Greenlet, number: int, started: float, now: float) -> Outcome:
+def _outcome_of(greenlet: Greenlet, number: int, started: float, now: float, ran: bool) -> Outcome:
     if greenlet.dead and greenlet.successful() and isinstance(greenlet.value, Outcome):
         return greenlet.value  # finished on its own, possibly just before the kill
     if greenlet.dead and greenlet.exception is not None:
         return Outcome(number, Kind.ERROR, started, now - started, detail=repr(greenlet.exception))
-    return Outcome(number, Kind.CANCELLED, started, now - started)
+    # Killed before it ran (spawned in the same instant the request was decided): it
+    # never reached the upstream, which the metrics must not count as a call.
+    return Outcome(number, Kind.CANCELLED, started, now - started, sent=ran)

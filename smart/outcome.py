@@ -35,6 +35,9 @@ class Outcome:
     status: int | None = None
     body: bytes | None = None  # the upstream's payload, only when kind is SUCCESS
     detail: str = ""
+    #: False for an attempt killed before its greenlet ever ran: the upstream never
+    #: received it, so it is not counted as an upstream call.
+    sent: bool = True
 
     @property
     def ok(self) -> bool:

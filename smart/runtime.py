@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent import Greenlet
@@ -17,6 +18,9 @@ from smart.admission import HedgeBudget, InFlightLimiter
 from smart.config import Settings
 from smart.telemetry import Telemetry
 from smart.upstream import UpstreamClient
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 #: How often idle upstream connections are checked for having been closed by the
 #: upstream: the longest a dead one lingers in CLOSE_WAIT. A check costs one poll(2)
@@ -38,7 +42,8 @@ class Runtime:
     sweeper: Greenlet | None = field(default=None)
 
     @classmethod
-    def build(cls, settings: Settings) -> Runtime:
+    def build(cls, settings: Settings, tracer_provider: TracerProvider | None = None) -> Runtime:
+        """``tracer_provider`` replaces the one the ``OTEL_*`` variables would configure."""
         budget = None
         if settings.hedge_budget_ratio > 0:
             budget = HedgeBudget(
@@ -52,7 +57,7 @@ class Runtime:
             pool=Pool(settings.max_upstream_in_flight),
             limiter=InFlightLimiter(settings.max_in_flight),
             budget=budget,
-            telemetry=Telemetry(settings.log_requests),
+            telemetry=Telemetry.build(settings, tracer_provider),
         )
         runtime.sweeper = gevent.spawn(_sweep_idle_connections, runtime.client)
         return runtime
@@ -62,6 +67,7 @@ class Runtime:
             self.sweeper.kill(block=True, timeout=1)
         self.pool.kill(block=True, timeout=1)
         self.client.close()
+        self.telemetry.close()
 
 
 def _sweep_idle_connections(client: UpstreamClient) -> None:

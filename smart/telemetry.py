@@ -1,16 +1,35 @@
-"""What smart tells operators about each request: the log line (and metrics, traces).
+"""What smart tells operators about each request: the log line, metrics and traces.
 
-The HTTP edge hands over a ``RequestRecord``; this module turns it into signals.
+The HTTP edge hands over a ``RequestRecord`` built from the ``HedgeResult``; this
+module turns it into signals. Disabled signals cost a None check, nothing more.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
-from smart.hedge import HedgeResult
+from smart.config import Settings
+from smart.hedge import Attempt, HedgeResult
+from smart.metrics import Metrics, build_metrics
+from smart.outcome import Kind, Outcome
+from smart.tracing import Headers, RequestSpan, Tracing, tracing_from_env
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger("smart.request")
+
+
+class Fetch(Protocol):
+    """``UpstreamClient.fetch_once`` with the request's own arguments bound."""
+
+    def __call__(
+        self, number: int, t0: float, *, headers: Mapping[str, str] | None = None
+    ) -> Outcome: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,17 +42,127 @@ class RequestRecord:
     timeout_ms: int | None
     elapsed_s: float
     result: HedgeResult | None  # None when no attempt was started (400, 503)
+    span: RequestSpan | None = None  # None when tracing is off
 
 
 class Telemetry:
-    """Records finished requests. One per worker."""
+    """Records requests and attempts. One per worker."""
 
-    def __init__(self, log_requests: bool) -> None:
+    def __init__(
+        self, log_requests: bool, metrics: Metrics | None = None, tracing: Tracing | None = None
+    ) -> None:
         self.log_requests = log_requests
+        self.metrics = metrics
+        self.tracing = tracing
+
+    @classmethod
+    def build(cls, settings: Settings, tracer_provider: TracerProvider | None = None) -> Telemetry:
+        """Metrics as ``SMART_METRICS`` says; tracing from ``tracer_provider`` if given,
+        else as the ``OTEL_*`` variables say."""
+        metrics = build_metrics(settings.attempts_per_request) if settings.metrics else None
+        if tracer_provider is not None:
+            tracing: Tracing | None = Tracing(tracer_provider, settings.upstream_url)
+        else:
+            tracing = tracing_from_env(os.environ, settings.upstream_url)
+        logging.getLogger("smart").info(
+            "telemetry",
+            extra={
+                "metrics": "off" if metrics is None else metrics.mode,
+                "tracing": "off" if tracing is None else "on",
+                "request_log": settings.log_requests,
+            },
+        )
+        return cls(settings.log_requests, metrics, tracing)
+
+    def close(self) -> None:
+        """Export the spans still queued (a worker's last seconds of traces)."""
+        if self.tracing is not None:
+            self.tracing.shutdown()
+
+    def request_started(self, headers: Headers, request_id: str) -> RequestSpan | None:
+        """The request's server span, when tracing is on."""
+        if self.tracing is None:
+            return None
+        return self.tracing.start_request(headers, request_id)
+
+    def admitted(self) -> None:
+        if self.metrics is not None:
+            self.metrics.requests_in_flight.inc()
+
+    def released(self) -> None:
+        if self.metrics is not None:
+            self.metrics.requests_in_flight.dec()
+
+    def instrument(self, fetch: Fetch, span: RequestSpan | None) -> Attempt:
+        """``fetch`` as the hedger's attempt, counted in flight and traced as enabled.
+
+        The wrappers run in the attempt's greenlet, so a killed attempt unwinds through
+        their ``finally`` and an attempt killed before it ran never counts.
+        """
+        metrics = self.metrics
+        if span is None:
+            if metrics is None:
+                return fetch
+            gauge = metrics.attempts_in_flight
+
+            def counted(number: int, t0: float) -> Outcome:
+                gauge.inc()
+                try:
+                    return fetch(number, t0)
+                finally:
+                    gauge.dec()
+
+            return counted
+
+        def traced(number: int, t0: float) -> Outcome:
+            headers = span.start_attempt(number)
+            if metrics is not None:
+                metrics.attempts_in_flight.inc()
+            try:
+                return fetch(number, t0, headers=headers)
+            finally:
+                if metrics is not None:
+                    metrics.attempts_in_flight.dec()
+                span.attempt_ended(number)
+
+        return traced
 
     def request_finished(self, record: RequestRecord) -> None:
+        if self.metrics is not None:
+            record_metrics(self.metrics, record)
+        if record.span is not None:
+            record.span.finish(record.status, record.outcome, record.timeout_ms, record.result)
         if self.log_requests:
             log.info("request", extra=log_fields(record))
+
+    def request_crashed(self) -> None:
+        """A bug ended an /api/smart request in a 500 (its traceback is logged apart)."""
+        if self.metrics is not None:
+            self.metrics.requests("500", "internal_error").inc()
+
+
+def record_metrics(metrics: Metrics, record: RequestRecord) -> None:
+    """Count one finished request; every counter here adds up across workers."""
+    metrics.requests(str(record.status), record.outcome).inc()
+    metrics.request_duration(record.outcome).observe(record.elapsed_s)
+    if record.outcome == "overloaded":
+        metrics.rejected("overloaded").inc()
+    result = record.result
+    if result is None:
+        return
+    if record.timeout_ms is not None:
+        metrics.timeout_used.observe(record.elapsed_s * 1000 / record.timeout_ms)
+    for o in result.outcomes:
+        if o.sent:  # one per call the upstream received
+            group = o.group
+            metrics.attempts(str(o.attempt), group).inc()
+            metrics.attempt_duration(group).observe(o.elapsed_s)
+    if result.winner is not None:
+        metrics.wins(str(result.winner.attempt)).inc()
+    if result.trigger is not None:
+        metrics.hedges(result.trigger).inc()
+    if result.hedges_suppressed:
+        metrics.hedges_suppressed.inc(result.hedges_suppressed)
 
 
 def log_fields(record: RequestRecord) -> dict[str, object]:
@@ -45,14 +174,24 @@ def log_fields(record: RequestRecord) -> dict[str, object]:
         "timeout_ms": record.timeout_ms,
         "elapsed_ms": round(record.elapsed_s * 1000, 1),
     }
+    if record.span is not None:
+        fields["trace_id"] = record.span.trace_id
     result = record.result
     if result is not None:
         winner = result.winner.attempt if result.winner else None
+        fields["winner"] = winner
         fields["hedge_trigger"] = result.trigger
         fields["hedges_suppressed"] = result.hedges_suppressed
         fields["hedges_too_late"] = result.hedges_too_late
         fields["attempts"] = [
-            {**o.summary(), "won": o.attempt == winner, "detail": o.detail or None}
+            {
+                **o.summary(),
+                "won": o.attempt == winner,
+                "cancelled": o.kind is Kind.CANCELLED,
+                "sent": o.sent,
+                "status": o.status,
+                "detail": o.detail or None,
+            }
             for o in result.outcomes
         ]
     return fields

@@ -234,3 +234,39 @@ def test_a_foreign_timeout_is_not_mistaken_for_the_deadline() -> None:
     with pytest.raises(gevent.Timeout), gevent.Timeout(DELAY_S / 2):
         hedge(script.attempt, pool=Pool(10), hedge_delay_s=DELAY_S, fanout=2, deadline_s=60)
     assert script.cleaned_up == [1]
+
+
+class LateHedges:
+    """A pool whose hedges would run only in a minute: the request is decided first."""
+
+    def __init__(self) -> None:
+        self.hedges_spawned = Event()
+
+    def spawn(self, func: Callable[..., Outcome], *args: object) -> gevent.Greenlet:
+        if args[0] == 1:
+            return gevent.spawn(func, *args)
+        self.hedges_spawned.set()
+        return gevent.spawn_later(60, func, *args)
+
+
+def test_hedges_killed_before_they_ran_are_marked_as_never_sent() -> None:
+    script = Script()
+    pool = LateHedges()
+    runner = run(script, pool=pool)
+    assert pool.hedges_spawned.wait(timeout=DELAY_S + LATE_S + PROMPTLY_S)
+    script.release[1].set(ok)
+    result = result_of(runner)
+    assert {o.attempt: (o.kind, o.sent) for o in result.outcomes} == {
+        1: (Kind.SUCCESS, True),
+        2: (Kind.CANCELLED, False),
+        3: (Kind.CANCELLED, False),
+    }
+    assert set(script.started) == {1}
+
+
+def test_attempts_killed_while_running_count_as_sent() -> None:
+    script = Script()
+    runner = run(script, deadline_s=DELAY_S / 2)
+    with pytest.raises(DeadlineExceeded) as caught:
+        runner.get(timeout=DELAY_S + PROMPTLY_S)
+    assert [(o.kind, o.sent) for o in caught.value.result.outcomes] == [(Kind.CANCELLED, True)]

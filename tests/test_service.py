@@ -313,6 +313,7 @@ def test_an_invalid_timeout_is_a_400_that_names_the_parameter(
         ("GET", "/api/smart/extra", 404, "not_found"),
         ("POST", "/api/smart", 405, "method_not_allowed"),
         ("DELETE", "/api/smart", 405, "method_not_allowed"),
+        ("OPTIONS", "/api/smart", 405, "method_not_allowed"),
     ],
 )
 def test_other_routes_and_methods_answer_in_the_same_json_shape(
