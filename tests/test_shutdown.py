@@ -45,8 +45,12 @@ def refuses_connections(port: int) -> bool:
     return False
 
 
+def lines_saying(server: Gunicorn, msg: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in list(server.stdout) if f'"msg": "{msg}"' in line]
+
+
 def drain_lines(server: Gunicorn) -> list[dict[str, object]]:
-    return [json.loads(line) for line in list(server.stdout) if '"msg": "draining"' in line]
+    return lines_saying(server, "draining")
 
 
 def test_sigterm_finishes_requests_in_flight_refuses_new_ones_and_exits_zero(
@@ -62,6 +66,9 @@ def test_sigterm_finishes_requests_in_flight_refuses_new_ones_and_exits_zero(
         server = Gunicorn(env, workers=2, tmp_path=tmp_path)
         server.start()
         try:
+            # The harness returns once one worker answers; the other may still be
+            # loading the app, and a SIGTERM then finds no app to tell.
+            assert wait_until(lambda: len(lines_saying(server, "worker ready")) == 2, 10)
             port = server.port
             # An idle keep-alive connection opened before the signal: the only way to
             # ask a draining worker anything once its listener is closed.
