@@ -95,6 +95,17 @@ def test_probes_are_never_shed(full_app: tuple[FlaskClient, Runtime], path: str)
     assert client.get(path).status_code == 200
 
 
+def test_the_attempt_pool_holds_every_attempt_the_admitted_requests_can_start() -> None:
+    # Pool.spawn blocks when the pool is full: sized this way, an admitted request
+    # never waits for a slot, and the cap on requests is the cap on upstream calls.
+    settings = Settings(upstream_url="http://127.0.0.1:9/api/work", max_in_flight=7)
+    runtime = Runtime.build(settings)
+    try:
+        assert runtime.pool.size == 7 * (1 + settings.hedge_fanout)
+    finally:
+        runtime.close()
+
+
 @pytest.mark.parametrize("cap", ["4096", "5000"])
 def test_gunicorn_will_not_start_with_the_cap_at_or_above_its_connection_limit(
     monkeypatch: pytest.MonkeyPatch, cap: str

@@ -78,7 +78,7 @@ def test_a_full_worker_answers_the_next_request_with_503_at_once_and_probes_stil
     assert body["error"] == "overloaded" and body["attempts"] == []
     assert simulator.stats()["calls"] == CAP  # the refused request never went upstream
 
-    for path in ("/healthz", "/readyz"):
+    for path in ("/healthz", "/readyz", "/metrics"):
         probe = get(capped, path=path)
         assert probe.status_code == 200
         assert probe.elapsed.total_seconds() < AT_ONCE_S
