@@ -166,8 +166,15 @@ def test_any_other_method_on_the_endpoint_is_a_json_405_naming_get(
 known_paths = {"/api/smart", "/healthz", "/readyz", "/metrics"}
 
 
+# Segments are quoted whole: a path starting "//" would be read as a host name by the
+# test client itself, before any request is made.
+paths = st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=5).map(
+    lambda segments: "/" + "/".join(quote(segment, safe="") for segment in segments)
+)
+
+
 @PROPERTY_SETTINGS
-@given(path=st.text(max_size=100).map(lambda p: "/" + quote(p)))
+@given(path=paths)
 def test_any_other_path_is_a_json_404(client: FlaskClient, path: str) -> None:
     if path.rstrip("/") in known_paths:
         return
