@@ -41,7 +41,10 @@ backlog = _env_int("SMART_BACKLOG", 2048)
 # --- Workers -----------------------------------------------------------------------
 # One process per core: the gevent loop of a worker uses one core at most.
 workers = _env_int("WEB_CONCURRENCY", os.cpu_count() or 1)
-worker_class = "gevent"
+# gunicorn's gevent worker (`-k gevent`), except that the errors gunicorn answers
+# itself (414, 431, 400) are JSON like every other response. Resolved by name in the
+# master; smart/worker.py imports nothing but gunicorn.
+worker_class = "smart.worker.JsonErrorsGeventWorker"
 # Open client connections one worker accepts. Must stay above SMART_MAX_IN_FLIGHT so
 # that requests past the admission cap reach the app and get a fast 503 instead of
 # waiting unseen in the kernel backlog.

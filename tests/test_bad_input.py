@@ -8,6 +8,7 @@ own limits answer some requests before the app sees them.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import time
@@ -249,10 +250,14 @@ def test_a_long_query_within_gunicorns_limit_reaches_the_app_and_is_a_json_400(
     ],
     ids=["long-line", "many-headers", "long-header", "lowercase-method", "version", "tls"],
 )
-def test_requests_gunicorn_refuses_itself_are_4xx_and_the_worker_carries_on(
+def test_requests_gunicorn_refuses_itself_are_json_4xx_and_the_worker_carries_on(
     server: Gunicorn, request_bytes: bytes, status: int
 ) -> None:
-    assert status_of(raw_exchange(server.port, request_bytes)) == status
+    answer = raw_exchange(server.port, request_bytes)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert status_of(answer) == status
+    assert b"Content-Type: application/json" in head
+    assert set(json.loads(body)) == {"error", "message", "request_id", "attempts"}
     assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
 
 
