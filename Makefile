@@ -35,6 +35,12 @@ fmt: $(STAMP)
 	$(BIN)/ruff format $(LINTED)
 	$(BIN)/ruff check --fix $(LINTED)
 
+# A leak hunt longer than CI's: mixed traffic with failures, hangs and clients hanging
+# up for SOAK_S seconds (10 minutes), then every worker must be back to its baseline.
+SOAK_S ?= 600
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py --duration $(SOAK_S)
+
 # Dockerfile, compose, Prometheus/Grafana provisioning, Kubernetes manifests and the
 # runtime dependencies' licences: lint, validate, cross-check (scripts/check-deploy.sh).
 check-deploy: $(STAMP)

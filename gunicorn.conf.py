@@ -41,11 +41,16 @@ backlog = _env_int("SMART_BACKLOG", 2048)
 # --- Workers -----------------------------------------------------------------------
 # One process per core: the gevent loop of a worker uses one core at most.
 workers = _env_int("WEB_CONCURRENCY", os.cpu_count() or 1)
-worker_class = "gevent"
+# gunicorn's gevent worker (`-k gevent`), except that the errors gunicorn answers
+# itself (414, 431, 400) are JSON like every other response. Resolved by name in the
+# master; smart/worker.py imports nothing but gunicorn.
+worker_class = "smart.worker.JsonErrorsGeventWorker"
 # Open client connections one worker accepts. Must stay above SMART_MAX_IN_FLIGHT so
 # that requests past the admission cap reach the app and get a fast 503 instead of
 # waiting unseen in the kernel backlog.
 worker_connections = _env_int("SMART_WORKER_CONNECTIONS", 4096)
+if _env_int("SMART_MAX_IN_FLIGHT", 0) >= worker_connections:
+    raise SystemExit("SMART_MAX_IN_FLIGHT must stay below SMART_WORKER_CONNECTIONS")
 # For async workers this is a heartbeat, not a request timeout: a worker whose loop
 # has been blocked this long is killed and replaced.
 timeout = _env_int("SMART_WORKER_HEARTBEAT_S", 30)

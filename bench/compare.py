@@ -79,7 +79,8 @@ with SimulatorProcess(mode="fixed", fixed_ms=0, failure_rate=0.0) as sim:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("base", help="the commit to compare this checkout with")
+    parser.add_argument("base", help="the commit to compare with")
+    parser.add_argument("--head", help="the commit to measure instead of this checkout")
     parser.add_argument("--rounds", type=int, default=15, help="turns of the in-process layers")
     parser.add_argument("--server-rounds", type=int, default=3, help="turns of the servers")
     parser.add_argument("--connections", type=int, default=50)
@@ -89,10 +90,11 @@ def main() -> int:
     rows: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory(prefix="smart-compare-") as tmp:
         base_tree = export(args.base, Path(tmp) / "tree")
+        head_tree = ROOT if args.head is None else export(args.head, Path(tmp) / "head")
         side_by_side = Path(tmp) / "micro"
         side_by_side.mkdir()
         as_base_package(base_tree, side_by_side)
-        shutil.copytree(ROOT / "smart", side_by_side / "smart")
+        shutil.copytree(head_tree / "smart", side_by_side / "smart")
         shutil.copytree(
             ROOT / "bench", side_by_side / "bench", ignore=shutil.ignore_patterns("results")
         )
@@ -113,12 +115,13 @@ def main() -> int:
             str(args.seconds),
         ]
         for _ in range(args.server_rounds):
-            for side, tree in (("base", base_tree), ("head", ROOT)):
+            for side, tree in (("base", base_tree), ("head", head_tree)):
                 result = marked(profile, tree, "PROFILE_JSON ", args.seconds + 120)
                 served[side].append(result["cpu_us_per_request"])
         name = f"server CPU per request (wrk c={args.connections}, 1 worker)"
         rows[name] = (statistics.median(served["base"]), statistics.median(served["head"]))
-    print(f"| µs CPU per call (median) | {args.base} | this checkout | ratio |")
+    head = args.head or "this checkout"
+    print(f"| µs CPU per call (median) | {args.base} | {head} | ratio |")
     print("| --- | ---: | ---: | ---: |")
     for name, (base, head) in rows.items():
         print(f"| {name} | {base:.0f} | {head:.0f} | {head / base:.2f} |")

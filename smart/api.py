@@ -49,6 +49,7 @@ def smart() -> Response:
             deadline_s=None if timeout_ms is None else timeout_ms / 1000,
             permit=None if runtime.budget is None else runtime.budget.permit,
             t0=t0,
+            min_attempt_s=settings.min_attempt_s,
         )
     except HedgeError as exc:
         limit_ms = timeout_ms if timeout_ms is not None else settings.attempt_timeout_ms

@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING
 from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
-from smart import api, errors, probes
+from smart import api, debug, errors, probes
 from smart.config import Settings
 from smart.logs import configure_logging
 from smart.params import request_id_from
 from smart.runtime import Runtime
+from smart.shutdown import drain_on_sigterm
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -35,8 +36,11 @@ def create_app(
     app.extensions["smart"] = Runtime.build(settings, tracer_provider)
     app.register_blueprint(api.bp)
     app.register_blueprint(probes.bp)
+    if settings.debug_endpoints:
+        app.register_blueprint(debug.bp)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
+    drain_on_sigterm(app.extensions["smart"])
     log.info("worker ready", extra={"settings": settings.public()})
     return app
 

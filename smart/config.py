@@ -54,12 +54,22 @@ class Settings:
     max_body_bytes: int = _setting(
         16_384, "Largest upstream body accepted; a longer one is a failed attempt.", minimum=16
     )
+    min_attempt_ms: int = _setting(
+        5,
+        "Start no attempt with less time than this left before the request's deadline: "
+        "it could not succeed, only cost a connection (raise it to the upstream's "
+        "fastest answer, ~100 for the production upstream).",
+        minimum=0,
+    )
     max_in_flight: int = _setting(
         512,
         "Requests to /api/smart one worker serves at once; beyond it a 503 is immediate.",
         minimum=1,
     )
     retry_after_s: int = _setting(1, "Retry-After sent with a 503.", minimum=0)
+    debug_endpoints: bool = _setting(
+        False, "Serve /debug/runtime (in-flight counts, greenlets) for leak hunting."
+    )
     hedge_budget_ratio: float = _setting(
         0.0,
         "Cap hedged attempts at this share of first attempts over the window "
@@ -91,6 +101,10 @@ class Settings:
     @property
     def attempt_timeout_s(self) -> float:
         return self.attempt_timeout_ms / 1000
+
+    @property
+    def min_attempt_s(self) -> float:
+        return self.min_attempt_ms / 1000
 
     @property
     def attempts_per_request(self) -> int:

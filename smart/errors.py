@@ -60,6 +60,12 @@ def from_hedge_error(exc: HedgeError, timeout_ms: int | None, attempt_limit_ms: 
     upstream did not answer in time, which is different from answering badly.
     """
     outcomes = exc.result.outcomes
+    if isinstance(exc, DeadlineExceeded) and not outcomes:
+        return ApiError(
+            504,
+            "upstream_timeout",
+            f"a timeout of {timeout_ms} ms leaves no time for an upstream attempt",
+        )
     if isinstance(exc, DeadlineExceeded):
         return ApiError(
             504,

@@ -49,6 +49,7 @@ class HedgeResult:
     trigger: str | None  # a Trigger value, or None when no hedge started
     hedges_suppressed: int  # hedges the permit refused
     elapsed_s: float
+    hedges_too_late: int = 0  # hedges not started: too little time left to succeed
 
     @property
     def attempts_started(self) -> int:
@@ -84,6 +85,7 @@ def hedge(
     deadline_s: float | None,
     permit: Permit | None = None,
     t0: float | None = None,
+    min_attempt_s: float = 0.0,
 ) -> HedgeResult:
     """Run attempt 1 now and ``fanout`` more at the hedge delay or at its failure.
 
@@ -91,16 +93,23 @@ def hedge(
     no attempt is left running and none is left to start, and ``DeadlineExceeded``
     when ``deadline_s`` (seconds after ``t0``) passes first. Either way every attempt
     still running is killed, and its socket closed, before this returns.
+
+    No attempt starts with less than ``min_attempt_s`` left before the deadline: it
+    could not succeed in time. When that rules out attempt 1, ``DeadlineExceeded`` is
+    raised at once; when it rules out the hedges, they count as ``hedges_too_late``.
     """
-    run = _Run(attempt, pool, time.monotonic() if t0 is None else t0)
+    run = _Run(attempt, pool, time.monotonic() if t0 is None else t0, deadline_s, min_attempt_s)
     deadline = gevent.Timeout(None if deadline_s is None else max(0.0, deadline_s - run.now()))
     failure: type[HedgeError] | None = None
     winner: Outcome | None = None
     try:
         deadline.start()
-        winner = run.until_decided(hedge_delay_s, fanout, permit)
-        if winner is None:
-            failure = AllAttemptsFailed
+        if run.too_late():
+            failure = DeadlineExceeded
+        else:
+            winner = run.until_decided(hedge_delay_s, fanout, permit)
+            if winner is None:
+                failure = AllAttemptsFailed
     except gevent.Timeout as expired:
         if expired is not deadline:
             raise
@@ -114,6 +123,7 @@ def hedge(
         trigger=run.trigger,
         hedges_suppressed=run.suppressed,
         elapsed_s=run.now(),
+        hedges_too_late=run.too_late_hedges,
     )
     if failure is not None:
         raise failure(result)
@@ -123,10 +133,20 @@ def hedge(
 class _Run:
     """The mutable state of one ``hedge`` call."""
 
-    def __init__(self, attempt: Attempt, pool: Spawner, t0: float) -> None:
+    def __init__(
+        self,
+        attempt: Attempt,
+        pool: Spawner,
+        t0: float,
+        deadline_s: float | None = None,
+        min_attempt_s: float = 0.0,
+    ) -> None:
         self.attempt = attempt
         self.pool = pool
         self.t0 = t0
+        self.deadline_s = deadline_s
+        self.min_attempt_s = min_attempt_s
+        self.too_late_hedges = 0
         self.running: dict[Greenlet, tuple[int, float]] = {}  # greenlet -> (number, start)
         self.ran: set[int] = set()  # attempts whose greenlet got to run
         self.outcomes: list[Outcome] = []
@@ -136,6 +156,10 @@ class _Run:
 
     def now(self) -> float:
         return time.monotonic() - self.t0
+
+    def too_late(self) -> bool:
+        """True when an attempt started now could not answer before the deadline."""
+        return self.deadline_s is not None and self.deadline_s - self.now() < self.min_attempt_s
 
     def start(self, count: int) -> None:
         for _ in range(count):
@@ -171,6 +195,9 @@ class _Run:
         return None
 
     def fire(self, trigger: str, fanout: int, permit: Permit | None) -> None:
+        if self.too_late():
+            self.too_late_hedges += fanout
+            return
         allowed = fanout if permit is None else max(0, min(fanout, permit(fanout)))
         self.suppressed += fanout - allowed
         if allowed:

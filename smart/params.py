@@ -10,7 +10,8 @@ import uuid
 
 # ASCII digits only: str.isdigit() and int() also accept other scripts' digits
 # (U+0665, ARABIC-INDIC FIVE), signs and surrounding spaces, which the contract rejects.
-_DECIMAL = re.compile(r"[0-9]{1,12}")
+# Leading zeros of any number; the digits after them are bounded so int() stays cheap.
+_DECIMAL = re.compile(r"0*([0-9]{1,12})")
 # Echoed into logs, headers and the upstream request: keep it short and inert.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
@@ -31,10 +32,11 @@ def parse_timeout_ms(values: list[str], max_timeout_ms: int) -> int | None:
     if len(values) > 1:
         raise InvalidTimeout(f"query parameter 'timeout' must be given once, as {rule}")
     raw = values[0]
-    if not _DECIMAL.fullmatch(raw) or not 1 <= int(raw) <= max_timeout_ms:
+    match = _DECIMAL.fullmatch(raw)
+    if match is None or not 1 <= int(match.group(1)) <= max_timeout_ms:
         shown = raw if len(raw) <= 40 else raw[:40] + "…"
         raise InvalidTimeout(f"query parameter 'timeout' must be {rule}; got {shown!r}")
-    return int(raw)
+    return int(match.group(1))
 
 
 def request_id_from(header: str | None) -> str:

@@ -6,9 +6,12 @@ patching) and kept in ``app.extensions["smart"]``; never a module global.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import gevent
+from gevent import Greenlet
 from gevent.pool import Pool
 
 from smart.admission import HedgeBudget, InFlightLimiter
@@ -18,6 +21,13 @@ from smart.upstream import UpstreamClient
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
+
+#: How often idle upstream connections are checked for having been closed by the
+#: upstream: the longest a dead one lingers in CLOSE_WAIT. A check costs one poll(2)
+#: per idle connection.
+IDLE_SWEEP_INTERVAL_S = 2.0
+
+log = logging.getLogger("smart")
 
 
 @dataclass(slots=True)
@@ -29,6 +39,7 @@ class Runtime:
     budget: HedgeBudget | None
     telemetry: Telemetry
     draining: bool = field(default=False)
+    sweeper: Greenlet | None = field(default=None)
 
     @classmethod
     def build(cls, settings: Settings, tracer_provider: TracerProvider | None = None) -> Runtime:
@@ -40,7 +51,7 @@ class Runtime:
                 settings.hedge_budget_window_s,
                 settings.hedge_budget_min_per_s,
             )
-        return cls(
+        runtime = cls(
             settings=settings,
             client=UpstreamClient(settings),
             pool=Pool(settings.max_upstream_in_flight),
@@ -48,8 +59,21 @@ class Runtime:
             budget=budget,
             telemetry=Telemetry.build(settings, tracer_provider),
         )
+        runtime.sweeper = gevent.spawn(_sweep_idle_connections, runtime.client)
+        return runtime
 
     def close(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.kill(block=True, timeout=1)
         self.pool.kill(block=True, timeout=1)
         self.client.close()
         self.telemetry.close()
+
+
+def _sweep_idle_connections(client: UpstreamClient) -> None:
+    while True:
+        gevent.sleep(IDLE_SWEEP_INTERVAL_S)
+        try:
+            client.close_dropped_idle()
+        except Exception:  # a bug here must not end the sweeping
+            log.exception("sweeping idle upstream connections failed")

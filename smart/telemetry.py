@@ -182,6 +182,7 @@ def log_fields(record: RequestRecord) -> dict[str, object]:
         fields["winner"] = winner
         fields["hedge_trigger"] = result.trigger
         fields["hedges_suppressed"] = result.hedges_suppressed
+        fields["hedges_too_late"] = result.hedges_too_late
         fields["attempts"] = [
             {
                 **o.summary(),

@@ -7,12 +7,14 @@ nothing of hedging or Flask.
 from __future__ import annotations
 
 import json
+import select
 import time
 from collections.abc import Mapping
 from http.cookiejar import DefaultCookiePolicy
 
 import gevent
 import requests
+from gevent import monkey
 from requests.structures import CaseInsensitiveDict
 from urllib3.exceptions import (
     HTTPError as Urllib3HTTPError,
@@ -31,6 +33,10 @@ from smart.transport import UpstreamAdapter
 
 ATTEMPT_HEADER = "X-Smart-Attempt"
 REQUEST_ID_HEADER = "X-Request-ID"
+#: The kernel's poll, not gevent's: checking an idle connection must never yield to
+#: another greenlet, which could take that connection out of the pool meanwhile.
+_POLL = monkey.get_original("select", "poll")
+_READABLE = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 
 
 def is_valid_payload(body: bytes) -> bool:
@@ -88,6 +94,30 @@ class UpstreamClient:
 
     def close(self) -> None:
         self.session.close()
+
+    def close_dropped_idle(self) -> int:
+        """Close the idle pooled connections the upstream has closed; how many.
+
+        urllib3 looks at a pooled connection only when it takes it out again, so one
+        the upstream closed meanwhile (its idle timeout, a restart) would sit in
+        CLOSE_WAIT, holding a descriptor, for as long as the pool does not reach it.
+        An idle connection that is readable has hit EOF, a reset or stray bytes: dead.
+        """
+        pool = self._adapter.poolmanager.connection_from_url(self._settings.upstream_url)
+        idle = pool.pool
+        if idle is None:
+            return 0
+        closed = 0
+        for conn in list(idle.queue):
+            sock = getattr(conn, "sock", None)
+            if sock is None:
+                continue
+            poller = _POLL()
+            poller.register(sock.fileno(), _READABLE)
+            if poller.poll(0):
+                conn.close()  # stays in the pool: urllib3 reconnects it when taken
+                closed += 1
+        return closed
 
     def fetch_once(
         self,

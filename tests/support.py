@@ -99,7 +99,10 @@ class Gunicorn:
             self.stop()
             raise RuntimeError(f"gunicorn did not start listening:\n{self.logs()}")
         while time.monotonic() < deadline:
-            if len(self.worker_pids()) == self.workers and self._healthy():
+            # Every worker has built its app (one "worker ready" line each), not just
+            # the one that happened to answer the health check.
+            ready = sum('"msg": "worker ready"' in line for line in list(self.stdout))
+            if ready >= self.workers and self._healthy():
                 return
             gevent.sleep(0.05)
         self.stop()

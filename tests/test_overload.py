@@ -1,0 +1,187 @@
+"""Overload protection end to end, under real gunicorn: the in-flight cap, the probes
+that are never shed, the deadline rule, and the hedge budget.
+
+One worker per server, so that its cap and its budget are the ones the test fills.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from gevent.pool import Pool
+
+from smart.simulator_process import SimulatorProcess
+from tests.support import Gunicorn, wait_until
+
+#: The cap of the server under test, and as many requests that hang upstream.
+CAP = 4
+#: "At once": the refusal is a comparison and a small JSON body. This bounds a whole
+#: round trip over loopback on a loaded CI box, far below the hanging requests' time.
+AT_ONCE_S = 0.5
+#: How long the requests that fill the worker hang before their 504.
+HANG_TIMEOUT_MS = 3000
+#: Hedge budget of the server under test: hedges may be half of the first attempts,
+#: with no reserve, over a window far longer than the test.
+BUDGET_RATIO = 0.5
+#: Sequential requests whose attempt 1 fails, each wanting two hedges.
+BUDGET_REQUESTS = 20
+
+
+@pytest.fixture(scope="module")
+def simulator() -> Iterator[SimulatorProcess]:
+    with SimulatorProcess(mode="fixed", fixed_ms=5, failure_rate=0.0) as sim:
+        yield sim
+
+
+@pytest.fixture(autouse=True)
+def clean_simulator(simulator: SimulatorProcess) -> None:
+    simulator.reset()
+
+
+def get(
+    server: Gunicorn, query: str = "", path: str = "/api/smart", **kwargs: Any
+) -> requests.Response:
+    kwargs.setdefault("timeout", 10)
+    kwargs["headers"] = {"Connection": "close", **kwargs.get("headers", {})}
+    return requests.get(f"{server.url}{path}{query}", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def capped(
+    simulator: SimulatorProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gunicorn]:
+    env = {"SMART_UPSTREAM_URL": simulator.work_url, "SMART_MAX_IN_FLIGHT": str(CAP)}
+    with Gunicorn(env, workers=1, tmp_path=tmp_path_factory.mktemp("capped")) as server:
+        yield server
+
+
+# --- the in-flight cap -----------------------------------------------------------------
+
+
+def test_a_full_worker_answers_the_next_request_with_503_at_once_and_probes_still_pass(
+    capped: Gunicorn, simulator: SimulatorProcess
+) -> None:
+    simulator.by_attempt({str(n): {"kind": "hang"} for n in (1, 2, 3)})
+    hanging = Pool(CAP)
+    held = [hanging.spawn(get, capped, f"?timeout={HANG_TIMEOUT_MS}") for _ in range(CAP)]
+    assert wait_until(lambda: simulator.stats()["in_flight"] == CAP, AT_ONCE_S * 4)
+
+    refused = get(capped, "?timeout=1000")
+    assert refused.status_code == 503
+    assert refused.elapsed.total_seconds() < AT_ONCE_S
+    assert refused.headers["Retry-After"] == "1"
+    body = refused.json()
+    assert body["error"] == "overloaded" and body["attempts"] == []
+    assert simulator.stats()["calls"] == CAP  # the refused request never went upstream
+
+    for path in ("/healthz", "/readyz", "/metrics"):
+        probe = get(capped, path=path)
+        assert probe.status_code == 200
+        assert probe.elapsed.total_seconds() < AT_ONCE_S
+
+    assert hanging.join(timeout=HANG_TIMEOUT_MS / 1000 + 5)
+    assert [r.value.status_code for r in held] == [504] * CAP
+    simulator.reset()
+    assert get(capped, "?timeout=1000").status_code == 200  # the slots are free again
+
+
+def test_refusals_are_logged_as_overloaded(capped: Gunicorn, simulator: SimulatorProcess) -> None:
+    simulator.by_attempt({str(n): {"kind": "hang"} for n in (1, 2, 3)})
+    hanging = Pool(CAP)
+    for _ in range(CAP):
+        hanging.spawn(get, capped, "?timeout=1000", headers={"X-Request-ID": "holder"})
+    assert wait_until(lambda: simulator.stats()["in_flight"] == CAP, AT_ONCE_S * 4)
+    get(capped, headers={"X-Request-ID": "refused-1"})
+    assert hanging.join(timeout=5)
+    (line,) = [r for r in capped.request_lines() if r["request_id"] == "refused-1"]
+    assert line["status"] == 503 and line["outcome"] == "overloaded"
+
+
+# --- the deadline rule -------------------------------------------------------------------
+
+
+def test_a_timeout_shorter_than_any_attempt_is_a_504_at_once_without_an_upstream_call(
+    capped: Gunicorn, simulator: SimulatorProcess
+) -> None:
+    response = get(capped, "?timeout=4")
+    assert response.status_code == 504
+    assert response.json()["error"] == "upstream_timeout"
+    assert response.json()["attempts"] == []
+    assert simulator.stats()["calls"] == 0
+
+
+def test_a_50_ms_timeout_is_honoured_against_a_fast_upstream(
+    capped: Gunicorn, simulator: SimulatorProcess
+) -> None:
+    simulator.by_attempt(
+        {
+            "1": {"kind": "status", "status": 503, "delay_ms": 5},
+            "2": {"kind": "ok", "delay_ms": 5},
+            "3": {"kind": "ok", "delay_ms": 5},
+        }
+    )
+    response = get(capped, "?timeout=50")
+    assert response.status_code == 200
+    assert response.headers["X-Smart-Winner"] in {"2", "3"}
+
+
+# --- the hedge budget --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def budgeted(
+    simulator: SimulatorProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gunicorn]:
+    env = {
+        "SMART_UPSTREAM_URL": simulator.work_url,
+        "SMART_HEDGE_BUDGET_RATIO": str(BUDGET_RATIO),
+        "SMART_HEDGE_BUDGET_MIN_PER_S": "0",
+        "SMART_HEDGE_BUDGET_WINDOW_S": "600",
+    }
+    with Gunicorn(env, workers=1, tmp_path=tmp_path_factory.mktemp("budget")) as server:
+        yield server
+
+
+def test_the_hedge_budget_caps_hedges_at_its_share_of_first_attempts(
+    budgeted: Gunicorn, simulator: SimulatorProcess
+) -> None:
+    simulator.by_attempt(
+        {
+            "1": {"kind": "status", "status": 503, "delay_ms": 5},
+            "2": {"kind": "ok", "delay_ms": 5},
+            "3": {"kind": "ok", "delay_ms": 5},
+        }
+    )
+    ids = [f"budget-{n}" for n in range(BUDGET_REQUESTS)]
+    statuses = [get(budgeted, headers={"X-Request-ID": i}).status_code for i in ids]
+
+    hedged = [c for c in simulator.stats()["recent"] if c["attempt"] != "1"]
+    assert len(hedged) == BUDGET_RATIO * BUDGET_REQUESTS
+    assert statuses.count(200) == len(hedged)  # each hedge that went out rescued one
+    assert set(statuses) == {200, 502}
+    lines = [r for r in budgeted.request_lines() if r["request_id"] in ids]
+    suppressed = sum(int(r["hedges_suppressed"]) for r in lines)  # type: ignore[call-overload]
+    assert suppressed == 2 * BUDGET_REQUESTS - len(hedged)
+
+
+def test_the_hedge_budget_is_off_by_default(capped: Gunicorn, simulator: SimulatorProcess) -> None:
+    simulator.by_attempt({"1": {"kind": "status", "status": 503, "delay_ms": 5}})
+    for _ in range(BUDGET_REQUESTS // 2):
+        assert get(capped).status_code == 200
+    hedged = [c for c in simulator.stats()["recent"] if c["attempt"] != "1"]
+    assert len(hedged) == 2 * (BUDGET_REQUESTS // 2)
+
+
+def test_an_in_flight_cap_at_gunicorns_connection_limit_stops_the_server(tmp_path: Path) -> None:
+    env = {
+        "SMART_UPSTREAM_URL": "http://127.0.0.1:9/api/work",
+        "SMART_MAX_IN_FLIGHT": "100",
+        "SMART_WORKER_CONNECTIONS": "100",
+    }
+    server = Gunicorn(env, workers=1, tmp_path=tmp_path)
+    with pytest.raises(RuntimeError, match="SMART_MAX_IN_FLIGHT must stay below"):
+        server.start()
