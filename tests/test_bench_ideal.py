@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-np = pytest.importorskip("numpy", reason="the benchmark's requirements (bench/requirements.txt)")
-
-from bench import ideal  # noqa: E402
+from bench import ideal
 
 #: Draws per estimate: enough for the shares below to be within a few tenths of a percent.
 SAMPLES = 200_000
