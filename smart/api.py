@@ -50,6 +50,7 @@ def smart() -> Response:
             permit=None if runtime.budget is None else runtime.budget.permit,
             t0=t0,
             min_attempt_s=settings.min_attempt_s,
+            held_by_worker=runtime.client.held_by_worker,
         )
     except HedgeError as exc:
         limit_ms = timeout_ms if timeout_ms is not None else settings.attempt_timeout_ms

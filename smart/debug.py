@@ -26,6 +26,7 @@ def runtime_state() -> Response:
         "draining": runtime.draining,
         "requests_in_flight": runtime.limiter.in_flight,
         "upstream_attempts_in_flight": len(runtime.pool),
+        "upstream_idle_connections": runtime.client.idle_connections(),
         "greenlets": live_greenlets(),
     }
     response = Response(json.dumps(state), 200, mimetype="application/json")

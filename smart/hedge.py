@@ -28,6 +28,16 @@ Attempt = Callable[[int, float], Outcome]
 #: ``permit(wanted)``: how many of ``wanted`` hedges may start now (a budget).
 Permit = Callable[[int], int]
 
+#: ``held_by_worker(greenlet)``: whether the attempt running in ``greenlet`` is held up
+#: by this worker rather than the upstream: its connection is established or its answer
+#: has arrived, and the worker has not yet got round to it.
+HeldByWorker = Callable[[Greenlet], bool]
+
+#: How often the hedger looks again while the hedge delay is being spent by this
+#: worker rather than by the upstream (attempt 1 not yet running, or held by the
+#: worker). Short next to the delay; each look is one poll(2) on a socket.
+RECHECK_S = 0.01
+
 
 class Spawner(Protocol):
     def spawn(self, func: Callable[..., Any], *args: Any) -> Greenlet: ...
@@ -86,6 +96,7 @@ def hedge(
     permit: Permit | None = None,
     t0: float | None = None,
     min_attempt_s: float = 0.0,
+    held_by_worker: HeldByWorker | None = None,
 ) -> HedgeResult:
     """Run attempt 1 now and ``fanout`` more at the hedge delay or at its failure.
 
@@ -97,6 +108,12 @@ def hedge(
     No attempt starts with less than ``min_attempt_s`` left before the deadline: it
     could not succeed in time. When that rules out attempt 1, ``DeadlineExceeded`` is
     raised at once; when it rules out the hedges, they count as ``hedges_too_late``.
+
+    The hedge delay measures the upstream, not this worker: it runs from the moment
+    attempt 1 actually started, and when it is over while attempt 1 is held up by this
+    worker (``held_by_worker``: say, its answer has arrived unread), the hedges wait
+    for the worker to catch up. A busy worker reads answers late; hedging them would
+    multiply its load for nothing.
     """
     run = _Run(attempt, pool, time.monotonic() if t0 is None else t0, deadline_s, min_attempt_s)
     deadline = gevent.Timeout(None if deadline_s is None else max(0.0, deadline_s - run.now()))
@@ -107,7 +124,7 @@ def hedge(
         if run.too_late():
             failure = DeadlineExceeded
         else:
-            winner = run.until_decided(hedge_delay_s, fanout, permit)
+            winner = run.until_decided(hedge_delay_s, fanout, permit, held_by_worker)
             if winner is None:
                 failure = AllAttemptsFailed
     except gevent.Timeout as expired:
@@ -148,7 +165,7 @@ class _Run:
         self.min_attempt_s = min_attempt_s
         self.too_late_hedges = 0
         self.running: dict[Greenlet, tuple[int, float]] = {}  # greenlet -> (number, start)
-        self.ran: set[int] = set()  # attempts whose greenlet got to run
+        self.ran: dict[int, float] = {}  # attempts whose greenlet got to run -> when
         self.outcomes: list[Outcome] = []
         self.trigger: str | None = None
         self.suppressed = 0
@@ -167,23 +184,51 @@ class _Run:
             greenlet = self.pool.spawn(self.run, self.started)
             self.running[greenlet] = (self.started, self.now())
 
+    def until_hedge(
+        self, first: Greenlet, delay_s: float, held_by_worker: HeldByWorker | None
+    ) -> float:
+        """Seconds until the hedges are due; 0.0 when they are due now.
+
+        Time attempt 1 spent waiting for this worker does not count: before its
+        greenlet ran, while it is ``held_by_worker``, and once it has finished but
+        the wait has not yet been told.
+        """
+        began = self.ran.get(1)
+        if began is None or first.dead:
+            return RECHECK_S
+        left = began + delay_s - self.now()
+        if left > 0:
+            return left
+        if held_by_worker is not None and held_by_worker(first):
+            return RECHECK_S
+        return 0.0
+
     def run(self, number: int) -> Outcome:
-        self.ran.add(number)
+        self.ran[number] = self.now()
         return self.attempt(number, self.t0)
 
     def until_decided(
-        self, hedge_delay_s: float, fanout: int, permit: Permit | None
+        self,
+        hedge_delay_s: float,
+        fanout: int,
+        permit: Permit | None,
+        held_by_worker: HeldByWorker | None,
     ) -> Outcome | None:
         """Wait for attempts until one succeeds (returned) or all failed (None)."""
         self.start(1)
+        first = next(iter(self.running))
         hedged = fanout == 0
         while self.running:
-            timeout = None if hedged else max(0.0, hedge_delay_s - self.now())
+            timeout = None
+            if not hedged:
+                timeout = self.until_hedge(first, hedge_delay_s, held_by_worker)
+                if timeout == 0.0:  # the upstream has had its delay: hedge
+                    self.fire(Trigger.DELAY, fanout, permit)
+                    hedged = True
+                    timeout = None
             ready = gevent.wait(list(self.running), timeout=timeout, count=1)
-            if not ready:  # the hedge delay passed with attempt 1 still running
-                self.fire(Trigger.DELAY, fanout, permit)
-                hedged = True
-                continue
+            if not ready:
+                continue  # time to look at the hedge delay again
             outcome = self.finish(ready[0])
             if outcome.ok:
                 return outcome

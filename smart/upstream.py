@@ -11,6 +11,7 @@ import select
 import time
 from collections.abc import Mapping
 from http.cookiejar import DefaultCookiePolicy
+from typing import Any
 
 import gevent
 import requests
@@ -29,7 +30,7 @@ from urllib3.exceptions import (
 
 from smart.config import Settings
 from smart.outcome import Kind, Outcome
-from smart.transport import UpstreamAdapter
+from smart.transport import UpstreamAdapter, held_by_worker, watch_attempt
 
 ATTEMPT_HEADER = "X-Smart-Attempt"
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -91,9 +92,29 @@ class UpstreamClient:
         ).prepare()
         self._url = template.url
         self._headers = dict(template.headers)
+        self._template = template
 
     def close(self) -> None:
         self.session.close()
+
+    @staticmethod
+    def held_by_worker(greenlet: gevent.Greenlet) -> bool:
+        """Whether the attempt in ``greenlet`` waits for this worker, not the upstream."""
+        return held_by_worker(greenlet)
+
+    def _pooled(self) -> list[Any]:
+        """The connections in the upstream's pool: open, closed, or placeholders (None).
+
+        The pool attempts use, looked up as ``send`` does: its key includes the TLS
+        settings, so ``connection_from_url`` would find (or make) a different one.
+        """
+        pool = self._adapter.get_connection_with_tls_context(self._template, verify=True)
+        idle = pool.pool
+        return [] if idle is None else list(idle.queue)
+
+    def idle_connections(self) -> int:
+        """Open connections waiting in the pool for reuse (for leak hunting)."""
+        return sum(1 for conn in self._pooled() if getattr(conn, "sock", None) is not None)
 
     def close_dropped_idle(self) -> int:
         """Close the idle pooled connections the upstream has closed; how many.
@@ -103,12 +124,8 @@ class UpstreamClient:
         CLOSE_WAIT, holding a descriptor, for as long as the pool does not reach it.
         An idle connection that is readable has hit EOF, a reset or stray bytes: dead.
         """
-        pool = self._adapter.poolmanager.connection_from_url(self._settings.upstream_url)
-        idle = pool.pool
-        if idle is None:
-            return 0
         closed = 0
-        for conn in list(idle.queue):
+        for conn in self._pooled():
             sock = getattr(conn, "sock", None)
             if sock is None:
                 continue
@@ -147,7 +164,8 @@ class UpstreamClient:
         status: int | None = None
         try:
             timer.start()
-            kind, status, body, detail = self._exchange(prepared, limit_s)
+            with watch_attempt():
+                kind, status, body, detail = self._exchange(prepared, limit_s)
         except gevent.Timeout as expired:
             if expired is not timer:
                 raise

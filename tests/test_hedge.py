@@ -270,3 +270,80 @@ def test_attempts_killed_while_running_count_as_sent() -> None:
     with pytest.raises(DeadlineExceeded) as caught:
         runner.get(timeout=DELAY_S + PROMPTLY_S)
     assert [(o.kind, o.sent) for o in caught.value.result.outcomes] == [(Kind.CANCELLED, True)]
+
+
+class Answers:
+    """A fake ``answered``: attempt 1's answer is reported as waiting while ``waiting``."""
+
+    def __init__(self) -> None:
+        self.waiting = True
+        self.asked = Event()
+
+    def __call__(self, greenlet: gevent.Greenlet) -> bool:
+        self.asked.set()
+        return self.waiting
+
+
+def test_no_hedge_while_attempt_ones_answer_waits_to_be_read() -> None:
+    script = Script()
+    answers = Answers()
+    runner = run(script, held_by_worker=answers)
+    assert answers.asked.wait(timeout=DELAY_S + LATE_S + PROMPTLY_S)
+    gevent.sleep(DELAY_S)  # a worker that takes a whole extra delay to read it
+    assert set(script.started) == {1}
+    script.release[1].set(ok)
+    result = result_of(runner)
+    assert result.attempts_started == 1
+    assert result.trigger is None
+
+
+def test_the_hedges_fire_once_attempt_one_waits_on_the_upstream_again() -> None:
+    script = Script()
+    answers = Answers()
+    runner = run(script, held_by_worker=answers)
+    assert answers.asked.wait(timeout=DELAY_S + LATE_S + PROMPTLY_S)
+    answers.waiting = False  # e.g. the headers were read, the body trickles
+    assert script.spawned.wait(timeout=PROMPTLY_S)
+    script.release[2].set(ok)
+    assert result_of(runner).trigger == Trigger.DELAY
+
+
+def test_a_failed_attempt_one_still_hedges_at_once_while_answers_wait() -> None:
+    script = Script()
+    runner = run(script, held_by_worker=Answers(), hedge_delay_s=30.0)
+    script.release[1].set(failed)
+    assert script.spawned.wait(timeout=PROMPTLY_S)
+    script.release[2].set(ok)
+    assert result_of(runner).trigger == Trigger.EARLY_FAILURE
+
+
+def test_the_deadline_still_ends_a_request_whose_answer_is_never_read() -> None:
+    script = Script()
+    runner = run(script, held_by_worker=Answers(), deadline_s=DELAY_S * 2)
+    with pytest.raises(DeadlineExceeded) as caught:
+        runner.get(timeout=DELAY_S * 2 + PROMPTLY_S)
+    assert caught.value.result.attempts_started == 1
+
+
+class LateFirstAttempt:
+    """A pool that runs attempt 1 only after ``lag_s``, as a busy worker would."""
+
+    def __init__(self, lag_s: float) -> None:
+        self.lag_s = lag_s
+
+    def spawn(self, func: Callable[..., Outcome], *args: object) -> gevent.Greenlet:
+        if args[0] == 1:
+            return gevent.spawn_later(self.lag_s, func, *args)
+        return gevent.spawn(func, *args)
+
+
+def test_the_hedge_delay_counts_from_when_attempt_one_ran() -> None:
+    script = Script()
+    lag_s = DELAY_S / 2
+    runner = run(script, pool=LateFirstAttempt(lag_s))
+    assert script.spawned.wait(timeout=lag_s + DELAY_S + LATE_S + PROMPTLY_S)
+    gevent.sleep(0)
+    assert lag_s <= script.started[1] <= lag_s + LATE_S
+    assert script.started[1] + DELAY_S <= script.started[2] <= script.started[1] + DELAY_S + LATE_S
+    script.release[1].set(ok)
+    assert result_of(runner).trigger == Trigger.DELAY

@@ -35,9 +35,11 @@ ATTEMPT_LIMIT_MS = 600
 #: Nothing may be left once the slowest request of the mix (a hang without timeout,
 #: ~0.9 s) and the idle-connection sweep are over.
 SETTLE_S = 2 * IDLE_SWEEP_INTERVAL_S + 3.0
-#: Descriptors above the baseline: idle keep-alive connections to the upstream the
-#: pool keeps for reuse, at most one per attempt that ran at once.
-FD_SLACK = 3 * CONCURRENCY
+#: Descriptors above the baseline besides the idle keep-alive connections the upstream
+#: pool keeps for reuse (those are counted exactly): a few closing at the moment of
+#: the count. The pool keeps one per attempt that ran at once, which the abandoned
+#: requests of the mix (they run on after their client left) push past 3 x CONCURRENCY.
+FD_SLACK = 8
 #: RSS growth allowed over the measured run. A leak of one small object per request
 #: would not show in RSS; one of a socket, a greenlet or a response (~10 KiB and more
 #: each) would pass this several times over.
@@ -150,7 +152,8 @@ def test_thousands_of_mixed_requests_and_an_idle_period_leave_every_worker_at_it
             after[pid]["requests_in_flight"] == 0
             and after[pid]["upstream_attempts_in_flight"] == 0
             and after[pid]["close_wait"] == 0
-            and after[pid]["fds"] <= before[pid]["fds"] + FD_SLACK
+            and after[pid]["fds"]
+            <= before[pid]["fds"] + pooled_growth(before, after, pid) + FD_SLACK
             and after[pid]["greenlets"] <= fresh[pid]["greenlets"] + GREENLET_SLACK
             for pid in pids
         )
@@ -159,4 +162,11 @@ def test_thousands_of_mixed_requests_and_an_idle_period_leave_every_worker_at_it
     after = snapshot(server, pids)
     for pid in pids:
         assert after[pid]["rss"] <= before[pid]["rss"] + RSS_SLACK_BYTES, (before, after)
-    assert simulator.stats()["connections_open"] <= len(pids) * FD_SLACK
+    # Every connection the upstream still has open is one a worker keeps for reuse.
+    pooled = sum(after[pid]["upstream_idle_connections"] for pid in pids)
+    assert simulator.stats()["connections_open"] <= pooled + FD_SLACK, (pooled, after)
+
+
+def pooled_growth(before: dict[int, Any], after: dict[int, Any], pid: int) -> int:
+    growth: int = after[pid]["upstream_idle_connections"] - before[pid]["upstream_idle_connections"]
+    return max(0, growth)
