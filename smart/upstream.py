@@ -109,7 +109,7 @@ class UpstreamClient:
         settings, so ``connection_from_url`` would find (or make) a different one.
         """
         pool = self._adapter.get_connection_with_tls_context(self._template, verify=True)
-        idle = pool.pool
+        idle = getattr(pool, "pool", None)  # None once the pool is closed
         return [] if idle is None else list(idle.queue)
 
     def idle_connections(self) -> int:
