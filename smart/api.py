@@ -31,10 +31,7 @@ def smart() -> Response:
         timeout_ms = parse_timeout_ms(request.args.getlist("timeout"), settings.max_timeout_ms)
     except InvalidTimeout as exc:
         return _fail(runtime, errors.invalid_timeout(str(exc)), request_id, None, t0, span=span)
-    if not runtime.limiter.try_acquire():
-        error = errors.overloaded(settings.retry_after_s, runtime.limiter.limit)
-        return _fail(runtime, error, request_id, timeout_ms, t0, span=span)
-    runtime.telemetry.admitted()
+    # The in-flight slot was taken before Flask saw the request (``shedding.py``).
     try:
         if runtime.budget is not None:
             runtime.budget.record_first()
@@ -56,9 +53,6 @@ def smart() -> Response:
         limit_ms = timeout_ms if timeout_ms is not None else settings.attempt_timeout_ms
         error = errors.from_hedge_error(exc, timeout_ms, limit_ms)
         return _fail(runtime, error, request_id, timeout_ms, t0, exc.result, span)
-    finally:
-        runtime.limiter.release()
-        runtime.telemetry.released()
     return _succeed(runtime, result, request_id, timeout_ms, t0, span)
 
 

@@ -17,6 +17,7 @@ from smart.config import Settings
 from smart.logs import configure_logging
 from smart.params import request_id_from
 from smart.runtime import Runtime
+from smart.shedding import Shedder
 from smart.shutdown import drain_on_sigterm
 
 if TYPE_CHECKING:
@@ -33,14 +34,18 @@ def create_app(
     settings = Settings.from_env() if settings is None else settings
     configure_logging(settings.log_level)
     app = Flask("smart")
-    app.extensions["smart"] = Runtime.build(settings, tracer_provider)
+    runtime = Runtime.build(settings, tracer_provider)
+    app.extensions["smart"] = runtime
+    app.wsgi_app = Shedder(  # type: ignore[method-assign]
+        app.wsgi_app, runtime.limiter, runtime.telemetry, settings.retry_after_s
+    )
     app.register_blueprint(api.bp)
     app.register_blueprint(probes.bp)
     if settings.debug_endpoints:
         app.register_blueprint(debug.bp)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
-    drain_on_sigterm(app.extensions["smart"])
+    drain_on_sigterm(runtime)
     log.info("worker ready", extra={"settings": settings.public()})
     return app
 

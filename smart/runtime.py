@@ -59,7 +59,7 @@ class Runtime:
             budget=budget,
             telemetry=Telemetry.build(settings, tracer_provider),
         )
-        runtime.sweeper = gevent.spawn(_sweep_idle_connections, runtime.client)
+        runtime.sweeper = gevent.spawn(_housekeeping, runtime.client, runtime.telemetry)
         return runtime
 
     def close(self) -> None:
@@ -70,10 +70,12 @@ class Runtime:
         self.telemetry.close()
 
 
-def _sweep_idle_connections(client: UpstreamClient) -> None:
+def _housekeeping(client: UpstreamClient, telemetry: Telemetry) -> None:
+    """Every ``IDLE_SWEEP_INTERVAL_S``: sweep idle connections, write owed log lines."""
     while True:
         gevent.sleep(IDLE_SWEEP_INTERVAL_S)
         try:
             client.close_dropped_idle()
-        except Exception:  # a bug here must not end the sweeping
-            log.exception("sweeping idle upstream connections failed")
+            telemetry.tick()
+        except Exception:  # a bug here must not end the housekeeping
+            log.exception("worker housekeeping failed")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -22,6 +23,11 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger("smart.request")
+
+#: Refusals (503 ``overloaded``) logged one by one per second and worker; the rest
+#: are counted into one line. A log line costs about as much CPU as the refusal
+#: itself, and refusals come exactly when the worker has no CPU to spare.
+REFUSALS_LOGGED_PER_S = 10
 
 
 class Fetch(Protocol):
@@ -54,6 +60,7 @@ class Telemetry:
         self.log_requests = log_requests
         self.metrics = metrics
         self.tracing = tracing
+        self.refusal_log = RefusalLog() if log_requests else None
 
     @classmethod
     def build(cls, settings: Settings, tracer_provider: TracerProvider | None = None) -> Telemetry:
@@ -135,10 +142,65 @@ class Telemetry:
         if self.log_requests:
             log.info("request", extra=log_fields(record))
 
+    def refused(self, request_id: str, elapsed_s: float) -> None:
+        """A request shed at the edge with a 503 ``overloaded`` (``shedding.py``)."""
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.requests("503", "overloaded").inc()
+            metrics.request_duration("overloaded").observe(elapsed_s)
+            metrics.rejected("overloaded").inc()
+        if self.refusal_log is not None:
+            self.refusal_log.refused(request_id, elapsed_s)
+
+    def tick(self) -> None:
+        """Called every few seconds: log what is owed (refusals not logged one by one)."""
+        if self.refusal_log is not None:
+            self.refusal_log.flush()
+
     def request_crashed(self) -> None:
         """A bug ended an /api/smart request in a 500 (its traceback is logged apart)."""
         if self.metrics is not None:
             self.metrics.requests("500", "internal_error").inc()
+
+
+class RefusalLog:
+    """The first ``REFUSALS_LOGGED_PER_S`` refusals of each second, then a count."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._second = -1
+        self._logged = 0
+        self._unlogged = 0
+
+    def refused(self, request_id: str, elapsed_s: float) -> None:
+        second = int(self._clock())
+        if second != self._second:
+            self.flush()
+            self._second = second
+        if self._logged < REFUSALS_LOGGED_PER_S:
+            self._logged += 1
+            log.info(
+                "request",
+                extra={
+                    "request_id": request_id,
+                    "status": 503,
+                    "outcome": "overloaded",
+                    "timeout_ms": None,
+                    "elapsed_ms": round(elapsed_s * 1000, 3),
+                },
+            )
+        else:
+            self._unlogged += 1
+
+    def flush(self) -> None:
+        """Log how many refusals went unlogged since the last flush, if any."""
+        if self._unlogged:
+            log.warning(
+                "refusals not logged one by one",
+                extra={"status": 503, "outcome": "overloaded", "count": self._unlogged},
+            )
+        self._logged = 0
+        self._unlogged = 0
 
 
 def record_metrics(metrics: Metrics, record: RequestRecord) -> None:

@@ -193,18 +193,16 @@ def test_metrics_and_probes_are_not_counted_as_requests() -> None:
     assert sum(requests) == 0
 
 
-class BrokenLimiter:
-    """Admission that fails with a bug, to see how a crashed request is counted."""
+class BrokenBudget:
+    """A hedge budget that fails with a bug, to see how a crashed request is counted."""
 
-    limit = 1
-
-    def try_acquire(self) -> bool:
+    def record_first(self) -> None:
         raise RuntimeError("bug")
 
 
 def test_a_request_that_crashes_is_counted_as_a_500(caplog: pytest.LogCaptureFixture) -> None:
     app = app_for()
-    app.extensions["smart"].limiter = BrokenLimiter()
+    app.extensions["smart"].budget = BrokenBudget()
     with caplog.at_level(logging.CRITICAL, logger="smart"):
         response = app.test_client().get("/api/smart")
     assert response.status_code == 500

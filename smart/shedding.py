@@ -1,0 +1,79 @@
+"""Refusing excess ``/api/smart`` requests at the WSGI edge, before Flask sees them.
+
+A refusal is the work a worker does when it has no capacity left, so it must cost as
+little as possible: no routing, no request object, no response object, and a log line
+only for the first few each second (``telemetry.RefusalLog``). This middleware owns
+the in-flight slot of every ``/api/smart`` request: it takes one (or answers 503 at
+once) and gives it back when the app has answered.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from smart import errors
+from smart.admission import InFlightLimiter
+from smart.params import request_id_from
+from smart.telemetry import Telemetry
+
+SMART_PATH = "/api/smart"
+_ADMITTED_METHODS = frozenset({"GET", "HEAD"})  # others get Flask's 405, no slot needed
+
+StartResponse = Callable[..., Any]
+WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+
+class Shedder:
+    """WSGI middleware: an in-flight slot for each ``/api/smart`` request, or a 503."""
+
+    def __init__(
+        self,
+        app: WsgiApp,
+        limiter: InFlightLimiter,
+        telemetry: Telemetry,
+        retry_after_s: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.app = app
+        self.limiter = limiter
+        self.telemetry = telemetry
+        self.error = errors.overloaded(retry_after_s, limiter.limit)
+        self._clock = clock
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != SMART_PATH or environ["REQUEST_METHOD"] not in (
+            _ADMITTED_METHODS
+        ):
+            return self.app(environ, start_response)
+        limiter = self.limiter
+        if not limiter.try_acquire():
+            return self.refuse(environ, start_response)
+        telemetry = self.telemetry
+        telemetry.admitted()
+        try:
+            # The view has answered when this returns: a Flask response's body is
+            # already built, so the slot is free before the bytes are sent.
+            return self.app(environ, start_response)
+        finally:
+            limiter.release()
+            telemetry.released()
+
+    def refuse(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        started = self._clock()
+        error = self.error
+        request_id = request_id_from(environ.get("HTTP_X_REQUEST_ID"))
+        body = error.body(request_id)
+        elapsed = self._clock() - started
+        headers = [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("X-Request-ID", request_id),
+            ("Cache-Control", "no-store"),
+            ("Server-Timing", f"total;dur={elapsed * 1000:.1f}"),
+            *error.headers.items(),
+        ]
+        start_response("503 Service Unavailable", headers)
+        self.telemetry.refused(request_id, elapsed)
+        return [body]
