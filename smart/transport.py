@@ -188,9 +188,47 @@ class UpstreamAdapter(HTTPAdapter):
     encoding, and extracting cookies into a jar that smart never sends back.
     """
 
+    #: Pools and request targets remembered per URL: at most this many URLs.
+    _CACHED_URLS = 8
+
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
+        self._pools: dict[tuple[Any, ...], Any] = {}
+        self._targets: dict[str, str] = {}
+
+    def get_connection_with_tls_context(
+        self, request: requests.PreparedRequest, verify: Any, proxies: Any = None, cert: Any = None
+    ) -> Any:
+        """requests' own lookup, remembered per URL while the pool stays open.
+
+        Without proxies the answer depends on the URL and TLS settings alone, yet
+        requests parses the URL twice and rebuilds the pool key on every call: about
+        a twentieth of an attempt's CPU. A pool the manager closed is looked up again.
+        """
+        if proxies:
+            return super().get_connection_with_tls_context(request, verify, proxies, cert)
+        key = (request.url, verify, cert)
+        pool = self._pools.get(key)
+        if pool is None or getattr(pool, "pool", None) is None:
+            pool = super().get_connection_with_tls_context(request, verify, proxies, cert)
+            if len(self._pools) >= self._CACHED_URLS:
+                self._pools.clear()
+            self._pools[key] = pool
+        return pool
+
+    def request_url(self, request: requests.PreparedRequest, proxies: Any) -> str:
+        """The request target: without a proxy, the URL's path and query (remembered)."""
+        if proxies:
+            return str(super().request_url(request, proxies))
+        url = request.url or ""
+        target = self._targets.get(url)
+        if target is None:
+            target = request.path_url
+            if len(self._targets) >= self._CACHED_URLS:
+                self._targets.clear()
+            self._targets[url] = target
+        return target
 
     def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
         response = requests.Response()
