@@ -94,9 +94,11 @@ def _env_bool(name: str, default: bool) -> bool:
     raise SystemExit(f"{name} must be true or false, got {raw!r}")
 
 
-# One line per HTTP request of any path; the application's richer line per /api/smart
-# request is separate. SMART_ACCESS_LOG=false silences it.
+# One line per HTTP request the application does not log itself: /api/smart requests
+# have their own richer line in the request log (they set this environ key), every
+# other path gets an access line. SMART_ACCESS_LOG=false silences it.
 _access_log = _env_bool("SMART_ACCESS_LOG", True)
+REQUEST_LOGGED = "smart.request_logged"  # smart.telemetry.REQUEST_LOGGED
 
 
 #: Attributes every LogRecord has; anything else given as ``extra`` is a field.
@@ -137,7 +139,7 @@ class JsonAccessLogger(Logger):
     """
 
     def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> None:
-        if not self.access_log.isEnabledFor(logging.INFO):
+        if environ.get(REQUEST_LOGGED) or not self.access_log.isEnabledFor(logging.INFO):
             return
         status = str(resp.status).split(None, 1)[0]
         self.access_log.info(

@@ -12,7 +12,7 @@ from smart.errors import ApiError
 from smart.hedge import HedgeError, HedgeResult, hedge
 from smart.params import InvalidTimeout, parse_timeout_ms, request_id_from
 from smart.runtime import Runtime
-from smart.telemetry import RequestRecord
+from smart.telemetry import REQUEST_LOGGED, RequestRecord
 from smart.tracing import RequestSpan
 
 bp = Blueprint("api", __name__)
@@ -74,9 +74,7 @@ def _succeed(
         f'upstream;dur={winner.elapsed_s * 1000:.1f};desc="attempt {winner.attempt}", '
         f"total;dur={elapsed * 1000:.1f}"
     )
-    runtime.telemetry.request_finished(
-        RequestRecord(request_id, 200, "success", timeout_ms, elapsed, result, span)
-    )
+    _record(runtime, request_id, 200, "success", timeout_ms, elapsed, result, span)
     return response
 
 
@@ -94,10 +92,36 @@ def _fail(
     if result is not None:
         response.headers.update(_attempt_headers(request_id, result))
     response.headers["Server-Timing"] = f"total;dur={elapsed * 1000:.1f}"
-    runtime.telemetry.request_finished(
-        RequestRecord(request_id, error.status, error.code, timeout_ms, elapsed, result, span)
-    )
+    _record(runtime, request_id, error.status, error.code, timeout_ms, elapsed, result, span)
     return response
+
+
+def _record(
+    runtime: Runtime,
+    request_id: str,
+    status: int,
+    outcome: str,
+    timeout_ms: int | None,
+    elapsed: float,
+    result: HedgeResult | None,
+    span: RequestSpan | None,
+) -> None:
+    """Metrics, span and the request's one log line, which the access log then skips."""
+    environ = request.environ
+    record = RequestRecord(
+        request_id,
+        status,
+        outcome,
+        timeout_ms,
+        elapsed,
+        result,
+        span,
+        remote_addr=environ.get("REMOTE_ADDR"),
+        user_agent=environ.get("HTTP_USER_AGENT"),
+        query=environ.get("QUERY_STRING") or None,
+    )
+    runtime.telemetry.request_finished(record)
+    environ[REQUEST_LOGGED] = runtime.telemetry.log_requests
 
 
 def render(error: ApiError, request_id: str) -> Response:

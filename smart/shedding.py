@@ -16,7 +16,7 @@ from typing import Any
 from smart import errors
 from smart.admission import InFlightLimiter
 from smart.params import request_id_from
-from smart.telemetry import Telemetry
+from smart.telemetry import REQUEST_LOGGED, Telemetry
 
 SMART_PATH = "/api/smart"
 _ADMITTED_METHODS = frozenset({"GET", "HEAD"})  # others get Flask's 405, no slot needed
@@ -75,5 +75,7 @@ class Shedder:
             *error.headers.items(),
         ]
         start_response("503 Service Unavailable", headers)
-        self.telemetry.refused(request_id, elapsed)
+        telemetry = self.telemetry
+        telemetry.refused(request_id, elapsed, environ.get("REMOTE_ADDR"))
+        environ[REQUEST_LOGGED] = telemetry.log_requests
         return [body]

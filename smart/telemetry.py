@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("smart.request")
 
+#: Set in the WSGI environ of a request whose own line (or refusal count) is in the
+#: request log, so the access log can skip it: one line per request. The access
+#: logger in gunicorn.conf.py reads the same key.
+REQUEST_LOGGED = "smart.request_logged"
+
 #: Refusals (503 ``overloaded``) logged one by one per second and worker; the rest
 #: are counted into one line. A log line costs about as much CPU as the refusal
 #: itself, and refusals come exactly when the worker has no CPU to spare.
@@ -49,6 +54,9 @@ class RequestRecord:
     elapsed_s: float
     result: HedgeResult | None  # None when no attempt was started (400, 503)
     span: RequestSpan | None = None  # None when tracing is off
+    remote_addr: str | None = None
+    user_agent: str | None = None
+    query: str | None = None
 
 
 class Telemetry:
@@ -142,7 +150,7 @@ class Telemetry:
         if self.log_requests:
             log.info("request", extra=log_fields(record))
 
-    def refused(self, request_id: str, elapsed_s: float) -> None:
+    def refused(self, request_id: str, elapsed_s: float, remote_addr: str | None = None) -> None:
         """A request shed at the edge with a 503 ``overloaded`` (``shedding.py``)."""
         metrics = self.metrics
         if metrics is not None:
@@ -150,7 +158,7 @@ class Telemetry:
             metrics.request_duration("overloaded").observe(elapsed_s)
             metrics.rejected("overloaded").inc()
         if self.refusal_log is not None:
-            self.refusal_log.refused(request_id, elapsed_s)
+            self.refusal_log.refused(request_id, elapsed_s, remote_addr)
 
     def tick(self) -> None:
         """Called every few seconds: log what is owed (refusals not logged one by one)."""
@@ -172,7 +180,7 @@ class RefusalLog:
         self._logged = 0
         self._unlogged = 0
 
-    def refused(self, request_id: str, elapsed_s: float) -> None:
+    def refused(self, request_id: str, elapsed_s: float, remote_addr: str | None = None) -> None:
         second = int(self._clock())
         if second != self._second:
             self.flush()
@@ -187,6 +195,7 @@ class RefusalLog:
                     "outcome": "overloaded",
                     "timeout_ms": None,
                     "elapsed_ms": round(elapsed_s * 1000, 3),
+                    "remote_addr": remote_addr,
                 },
             )
         else:
@@ -235,6 +244,9 @@ def log_fields(record: RequestRecord) -> dict[str, object]:
         "outcome": record.outcome,
         "timeout_ms": record.timeout_ms,
         "elapsed_ms": round(record.elapsed_s * 1000, 1),
+        "query": record.query,
+        "remote_addr": record.remote_addr,
+        "user_agent": record.user_agent,
     }
     if record.span is not None:
         fields["trace_id"] = record.span.trace_id
