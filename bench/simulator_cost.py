@@ -98,9 +98,32 @@ def measure(sim: SimulatorProcess, connections: int, duration_s: float) -> Run:
     )
 
 
+def report(label: str, connections: int, runs: list[Run]) -> float:
+    """Print one line for a point's runs; their median CPU per call."""
+    cost = statistics.median(run.cpu_us_per_call for run in runs)
+    rate = statistics.median(run.calls_per_s for run in runs)
+    each = ", ".join(f"{run.cpu_us_per_call:.0f}" for run in runs)
+    p50 = statistics.median(run.p50_ms for run in runs)
+    statuses = sum((Counter(run.statuses) for run in runs), Counter[str]())
+    socket_errors = sum(run.socket_errors for run in runs)
+    print(
+        f"{label}, {connections:>3} connections: {cost:4.0f} µs/call median ({each}); "
+        f"{rate:4.0f} calls/s, p50 {p50:.1f} ms, statuses {dict(statuses)}, "
+        f"{socket_errors} socket errors",
+        flush=True,
+    )
+    return cost
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", type=Path, default=ROOT, help="tree holding smart/")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        nargs="+",
+        default=[ROOT],
+        help="trees holding smart/; with several, their runs alternate",
+    )
     parser.add_argument("--connections", type=int, nargs="+", default=[50, 500])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     parser.add_argument("--repeat", type=int, default=3)
@@ -117,27 +140,23 @@ def main() -> None:
     if args.failure_rate:
         # Failures that answer (no hang, no reset): every call costs a full reply.
         options["failure_kinds"] = ["status_500", "status_503", "status_429", "html"]
-    # Safe path: ``-m`` would otherwise import smart from the working directory first.
-    env = {"PYTHONPATH": str(args.source.resolve()), "PYTHONSAFEPATH": "1"}
-    print(f"simulator from {args.source}, {options}, {duration:g} s per run")
+    print(f"{options}, {duration:g} s per run, {args.repeat} runs per point")
+    labels = [str(source) for source in args.source]
     for connections in args.connections:
-        runs = []
+        runs: dict[str, list[Run]] = {label: [] for label in labels}
+        # Alternating the trees spreads whatever else the box does over all of them.
         for _ in range(args.repeat):
-            # A fresh process per run: no state carried over from the previous one.
-            with SimulatorProcess(env=env, **options) as sim:
-                runs.append(measure(sim, connections, duration))
-            time.sleep(0.5)
-        cost = statistics.median(run.cpu_us_per_call for run in runs)
-        rate = statistics.median(run.calls_per_s for run in runs)
-        each = ", ".join(f"{run.cpu_us_per_call:.0f}" for run in runs)
-        p50 = statistics.median(run.p50_ms for run in runs)
-        statuses = sum((Counter(run.statuses) for run in runs), Counter[str]())
-        socket_errors = sum(run.socket_errors for run in runs)
-        print(
-            f"{connections:>5} connections: {cost:6.0f} µs/call median ({each}), "
-            f"{rate:6.0f} calls/s, p50 {p50:.1f} ms, statuses {dict(statuses)}, "
-            f"{socket_errors} socket errors"
-        )
+            for label, source in zip(labels, args.source, strict=True):
+                # Safe path: ``-m`` would otherwise import smart from the working directory.
+                env = {"PYTHONPATH": str(source.resolve()), "PYTHONSAFEPATH": "1"}
+                # A fresh process per run: no state carried over from the previous one.
+                with SimulatorProcess(env=env, **options) as sim:
+                    runs[label].append(measure(sim, connections, duration))
+                time.sleep(0.5)
+        costs = [report(label, connections, runs[label]) for label in labels]
+        if len(costs) > 1:
+            ratios = ", ".join(f"{costs[0] / cost:.2f}" for cost in costs[1:])
+            print(f"first tree's CPU per call over the others': {ratios}")
 
 
 if __name__ == "__main__":
