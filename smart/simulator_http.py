@@ -191,11 +191,15 @@ def _parse_head(head: str) -> Request:
     headers: dict[str, str] = {}
     for line in lines:
         name, colon, value = line.partition(":")
-        if not colon or _TOKEN.fullmatch(name) is None:
-            # Obsolete line folding included: RFC 9112 allows a 400 for it.
+        if not (colon and name):
             raise BadRequest(f"bad header line {line.rstrip(chr(13))[:100]!r}")
         name, value = name.lower(), value.strip(" \t\r")
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    # Every name a token (no space: obsolete line folding is refused too, as RFC 9112
+    # allows), checked at once: a regex per line was a fifth of a call's parsing.
+    if headers and _TOKEN.fullmatch("".join(headers)) is None:
+        bad = next(name for name in headers if _TOKEN.fullmatch(name) is None)
+        raise BadRequest(f"bad header name {bad[:100]!r}")
     # HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 only when asked.
     keep_alive = minor != "0"
     if (connection := headers.get("connection")) is not None:
