@@ -46,11 +46,13 @@ HEADERS = {
 }
 
 
-def run_wrk(url: str, connections: int, duration_s: float) -> dict[str, Any]:
+def run_wrk(
+    url: str, connections: int, duration_s: float, headers: dict[str, str]
+) -> dict[str, Any]:
     """wrk's report (bench/wrk_report.lua's JSON) for one closed-loop run."""
     argv = ["wrk", f"-t{1 if connections < 100 else 2}", f"-c{connections}"]
     argv += [f"-d{duration_s:g}s", f"--timeout={REQUEST_TIMEOUT_S:g}s", "-s", str(SCRIPT)]
-    for name, value in HEADERS.items():
+    for name, value in headers.items():
         argv += ["-H", f"{name}: {value}"]
     done = subprocess.run(
         [*argv, url], capture_output=True, text=True, timeout=duration_s + 30, check=False
@@ -78,13 +80,15 @@ class Run:
     socket_errors: int
 
 
-def measure(sim: SimulatorProcess, connections: int, duration_s: float) -> Run:
+def measure(
+    sim: SimulatorProcess, connections: int, duration_s: float, headers: dict[str, str]
+) -> Run:
     """One point: wrk for ``duration_s`` after a warm-up; CPU per call and call rate."""
     assert sim.pid is not None
-    run_wrk(sim.work_url, connections, WARMUP_S)
+    run_wrk(sim.work_url, connections, WARMUP_S, headers)
     sim.reset()
     calls_before, cpu_before = sim.stats()["calls"], cpu_seconds(sim.pid)
-    report = run_wrk(sim.work_url, connections, duration_s)
+    report = run_wrk(sim.work_url, connections, duration_s, headers)
     cpu = cpu_seconds(sim.pid) - cpu_before
     # The stats request is not a call; its own CPU is well under a millisecond.
     calls = sim.stats()["calls"] - calls_before
@@ -130,7 +134,13 @@ def main() -> None:
     parser.add_argument("--mode", choices=("fixed", "random"), default="fixed")
     parser.add_argument("--fixed-ms", type=int, default=100)
     parser.add_argument("--failure-rate", type=float, default=0.0)
+    parser.add_argument(
+        "--close",
+        action="store_true",
+        help="a new connection per call, as when smart closes cancelled hedges",
+    )
     args = parser.parse_args()
+    headers = {**HEADERS, "Connection": "close"} if args.close else HEADERS
     duration = min(args.duration, MAX_DURATION_S)
     options: dict[str, object] = {
         "mode": args.mode,
@@ -140,7 +150,8 @@ def main() -> None:
     if args.failure_rate:
         # Failures that answer (no hang, no reset): every call costs a full reply.
         options["failure_kinds"] = ["status_500", "status_503", "status_429", "html"]
-    print(f"{options}, {duration:g} s per run, {args.repeat} runs per point")
+    reuse = "a new connection per call" if args.close else "keep-alive"
+    print(f"{options}, {reuse}, {duration:g} s per run, {args.repeat} runs per point")
     labels = [str(source) for source in args.source]
     for connections in args.connections:
         runs: dict[str, list[Run]] = {label: [] for label in labels}
@@ -151,7 +162,7 @@ def main() -> None:
                 env = {"PYTHONPATH": str(source.resolve()), "PYTHONSAFEPATH": "1"}
                 # A fresh process per run: no state carried over from the previous one.
                 with SimulatorProcess(env=env, **options) as sim:
-                    runs[label].append(measure(sim, connections, duration))
+                    runs[label].append(measure(sim, connections, duration, headers))
                 time.sleep(0.5)
         costs = [report(label, connections, runs[label]) for label in labels]
         if len(costs) > 1:

@@ -1,12 +1,13 @@
 """The simulated upstream's HTTP/1.1 server: just enough HTTP, on gevent's StreamServer.
 
 The simulator shares its cores with the service it stands in for, so its CPU per call
-is taken from what is being measured. gevent's WSGI server spent about two thirds of
-it: the request head parsed through ``email.parser``, a WSGI environ of some forty
-keys, a response object per call. The simulator needs much less of HTTP: the request
-line, a few headers, ``Content-Length`` bodies on the control API, keep-alive; its
-behaviours write their own responses, raw, to break HTTP on purpose. So this reads
-requests off the socket with a few byte operations and leaves the rest to the handler.
+is taken from what is being measured. Profiled under load, gevent's WSGI server was
+the larger part of it: each request head parsed through ``email.parser``, a WSGI
+environ of some forty keys, a response object per call. The simulator needs much less
+of HTTP: the request line, a few headers, ``Content-Length`` bodies on the control API,
+keep-alive; its behaviours write their own responses, raw, to break HTTP on purpose.
+So this reads requests off the socket with a few string operations and leaves the rest
+to the handler.
 
 Anything it cannot frame (a bad request line or header, an oversized head or body, a
 chunked body) is answered 400 and the connection closed: past a framing error the
@@ -39,7 +40,7 @@ LINGER_S = 1.0
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _REQUEST_LINE = re.compile(rf"({_TOKEN.pattern}) (\S+) HTTP/1\.(\d)")
-# A head ends at its first empty line; bare LF line ends are tolerated, as RFC 9112 asks.
+# A head ends at its first empty line; bare LF line ends are tolerated, as RFC 9112 allows.
 _HEAD_END = re.compile(rb"\n\r?\n")
 
 
