@@ -7,39 +7,37 @@ saw, including clients that gave up. Run it with ``python -m smart.simulator``.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import os
 import random
 import signal
-import socket
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import gevent
 import gevent.event
-from gevent import monkey, pywsgi
+from gevent import monkey
 
 from smart.simulator_behaviours import BEHAVIOURS, Call, CallRecord, RawConnection, Step
 from smart.simulator_config import RUNTIME_OPTIONS, SimulatorConfig, parse_args
+from smart.simulator_http import Connection, Request, Response, Server
 from smart.simulator_process import SimulatorError, SimulatorProcess
 
 __all__ = ["Simulator", "SimulatorConfig", "SimulatorError", "SimulatorProcess", "main"]
 
 WORK_PATH = "/api/work"
-SOCKET_KEY = "smart.simulator.socket"
-CONNECTION_KEY = "smart.simulator.connection"
 RECENT_LIMIT = 1000
 MAX_CONTROL_BODY = 1024 * 1024
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+JSON = "application/json"
 
-StartResponse = Callable[[str, list[tuple[str, str]]], object]
 Reply = tuple[int, dict[str, Any]]
-Handler = Callable[[dict[str, Any]], Reply | None]
+Handler = Callable[[Request, Connection], Reply | None]
 
 
 class Stats:
@@ -55,13 +53,13 @@ class Stats:
         self.calls_by_attempt: Counter[str] = Counter()
         self.recent: deque[CallRecord] = deque(maxlen=RECENT_LIMIT)
 
-    def start(self, environ: Mapping[str, Any]) -> CallRecord:
+    def start(self, headers: Mapping[str, str]) -> CallRecord:
         self.calls += 1
         record = CallRecord(
             id=self.calls,
-            request_id=environ.get("HTTP_X_REQUEST_ID"),
-            attempt=environ.get("HTTP_X_SMART_ATTEMPT"),
-            traceparent=environ.get("HTTP_TRACEPARENT"),
+            request_id=headers.get("x-request-id"),
+            attempt=headers.get("x-smart-attempt"),
+            traceparent=headers.get("traceparent"),
             started=time.monotonic(),
         )
         self.calls_by_attempt[record.attempt or "none"] += 1
@@ -78,7 +76,7 @@ class Stats:
 
 
 class Simulator:
-    """The WSGI application: ``/api/work`` plus the ``/_sim`` control API.
+    """The application: ``/api/work`` plus the ``/_sim`` control API.
 
     Scripted steps are used first (FIFO, one per call), then the behaviour set for the
     call's ``X-Smart-Attempt`` value, then a draw from the configured default.
@@ -101,36 +99,46 @@ class Simulator:
             "/_sim/stats": {"GET": self._get_stats},
         }
 
-    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        path, method = environ.get("PATH_INFO", ""), environ["REQUEST_METHOD"]
+    def handle(self, request: Request, connection: Connection) -> Response | None:
+        path, method = request.path, request.method
         methods = self._routes.get(path)
-        headers: list[tuple[str, str]] = []
+        headers: tuple[tuple[str, str], ...] = ()
         reply: Reply | None
         if methods is None:
             reply = 404, {"error": "not_found", "message": f"no route {path}"}
         elif method not in methods:
             reply = 405, {"error": "method_not_allowed", "message": f"{method} {path}"}
-            headers.append(("Allow", ", ".join(methods)))
+            headers = (("Allow", ", ".join(methods)),)
         else:
             try:
-                reply = methods[method](environ)
+                reply = methods[method](request, connection)
             except ValueError as exc:
                 reply = 400, {"error": "bad_request", "message": str(exc)}
         if reply is None:
-            return []  # the behaviour wrote (or refused) the response on the socket itself
+            return None  # the behaviour wrote (or refused) the response on the socket itself
         status, payload = reply
-        body = json.dumps(payload).encode()
-        headers += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-        start_response(f"{status} {_reason(status)}", headers)
-        return [body]
+        return Response(status, JSON, json.dumps(payload).encode(), headers)
 
-    def _get_work(self, environ: dict[str, Any]) -> None:
+    def connection_opened(self) -> None:
+        self.connections_open += 1
+        self.stats.connections_total += 1
+
+    def connection_closed(self) -> None:
+        self.connections_open -= 1
+
+    def _get_work(self, request: Request, connection: Connection) -> None:
         """Answer one ``/api/work`` call: choose a step, wait its delay, behave."""
         stats = self.stats
-        record = stats.start(environ)
+        record = stats.start(request.headers)
         step = self.next_step(record.attempt)
         record.kind = step.label
-        call = Call(environ[CONNECTION_KEY], record)
+        conn = RawConnection(
+            connection.socket,
+            keep_alive=request.keep_alive,
+            release=connection.release,
+            readable_within=connection.readable_within,
+        )
+        call = Call(conn, record)
         self.in_flight += 1
         try:
             started = time.monotonic()
@@ -154,10 +162,10 @@ class Simulator:
         kind = "ok"
         if rng.random() < config.failure_rate:
             kind = rng.choice(config.failure_kinds)
-        return replace(Step.named(kind), delay_ms=delay_ms)
+        return _named_step(kind).delayed(delay_ms)
 
-    def _post_script(self, environ: dict[str, Any]) -> Reply:
-        body = _read_json(environ)
+    def _post_script(self, request: Request, connection: Connection) -> Reply:
+        body = _read_json(request)
         if not isinstance(body, dict) or not {"steps", "by_attempt"} & set(body):
             raise ValueError('expected {"steps": [...]} and/or {"by_attempt": {...}}')
         steps, by_attempt = body.get("steps"), body.get("by_attempt")
@@ -174,18 +182,18 @@ class Simulator:
             self.by_attempt = parsed_by_attempt
         return 200, {"pending_steps": len(self.steps), "by_attempt": sorted(self.by_attempt)}
 
-    def _post_reset(self, environ: dict[str, Any]) -> Reply:
+    def _post_reset(self, request: Request, connection: Connection) -> Reply:
         self.steps.clear()
         self.by_attempt.clear()
         self.stats = Stats()
         self.rng.seed(self.config.seed)  # a seeded sequence replays from its start
         return 200, {"reset": True}
 
-    def _get_config(self, environ: dict[str, Any]) -> Reply:
+    def _get_config(self, request: Request, connection: Connection) -> Reply:
         return 200, self.config.public()
 
-    def _post_config(self, environ: dict[str, Any]) -> Reply:
-        body = _read_json(environ)
+    def _post_config(self, request: Request, connection: Connection) -> Reply:
+        body = _read_json(request)
         if not isinstance(body, dict):
             raise ValueError("expected a JSON object of options")
         self.config = self.config.updated(body, RUNTIME_OPTIONS)
@@ -193,7 +201,7 @@ class Simulator:
             self.rng.seed(self.config.seed)
         return 200, self.config.public()
 
-    def _get_stats(self, environ: dict[str, Any]) -> Reply:
+    def _get_stats(self, request: Request, connection: Connection) -> Reply:
         stats = self.stats
         return 200, {
             "calls": stats.calls,
@@ -209,75 +217,29 @@ class Simulator:
         }
 
 
-def _read_json(environ: Mapping[str, Any]) -> object:
+@functools.cache
+def _named_step(kind: str) -> Step:
+    """Kinds drawn from the configuration, parsed once: they were validated with it."""
+    return Step.named(kind)
+
+
+def _read_json(request: Request) -> object:
+    """The request's JSON body; None when empty. The server bounds its size."""
     try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        raise ValueError("bad Content-Length") from None
-    if length > MAX_CONTROL_BODY:
-        raise ValueError(f"body over {MAX_CONTROL_BODY} bytes")
-    raw = environ["wsgi.input"].read(length) if length else b""
-    try:
-        return json.loads(raw) if raw.strip() else None
+        return json.loads(request.body) if request.body.strip() else None
     except json.JSONDecodeError as exc:
         raise ValueError(f"body is not JSON: {exc}") from None
-
-
-def _reason(status: int) -> str:
-    return {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}[status]
-
-
-class _Handler(pywsgi.WSGIHandler):  # type: ignore[misc]
-    """gevent's handler, plus TCP_NODELAY, connection counts and the raw socket in environ."""
-
-    def handle(self) -> None:
-        simulator: Simulator = self.server.application
-        simulator.connections_open += 1
-        simulator.stats.connections_total += 1
-        # Without it Nagle + delayed ACK stall small writes by ~40 ms. A failure means
-        # the client is already gone, which reading its request will find out.
-        with contextlib.suppress(OSError):
-            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            super().handle()
-        finally:
-            simulator.connections_open -= 1
-
-    def log_request(self) -> None:
-        # serve() passes log=None, yet pywsgi would still format every access line
-        # (a date, the request line) for its no-op log: a twentieth of a call's CPU.
-        pass
-
-    def get_environ(self) -> dict[str, Any]:
-        environ: dict[str, Any] = super().get_environ()
-        environ[SOCKET_KEY] = self.socket
-        environ[CONNECTION_KEY] = RawConnection(
-            self.socket, keep_alive=not self.close_connection, release=self._release
-        )
-        return environ
-
-    def _release(self) -> None:
-        self.close_connection = True
-        self.rfile.close()
 
 
 def serve(config: SimulatorConfig) -> int:
     """Listen until SIGTERM or SIGINT; announce the port as one JSON line on stdout."""
     simulator = Simulator(config)
-    server = pywsgi.WSGIServer(
-        (config.host, config.port),
-        simulator,
-        handler_class=_Handler,
-        backlog=1024,
-        log=None,
-        # A preset name spares the reverse DNS lookup gevent does otherwise at start.
-        environ={"SERVER_NAME": config.host},
-    )
+    server = Server(config.host, config.port, simulator, max_body=MAX_CONTROL_BODY)
     # Handlers first: a signal sent as soon as the port is announced must stop us cleanly.
     stopping = gevent.event.Event()
     handlers = [gevent.signal_handler(signum, stopping.set) for signum in STOP_SIGNALS]
     server.start()
-    host, port = server.address[:2]
+    host, port = server.address
     print(json.dumps({"event": "listening", "host": host, "port": port}), flush=True)
     stopping.wait()
     for handler in handlers:

@@ -6,7 +6,7 @@ This module knows nothing of the server or its control API; gevent only for wait
 
 from __future__ import annotations
 
-import json
+import functools
 import socket
 import struct
 import time
@@ -16,7 +16,6 @@ from http import HTTPStatus
 from typing import Any
 
 import gevent
-from gevent.socket import wait_read
 
 JSON = "application/json"
 HTML = "text/html; charset=utf-8"
@@ -45,6 +44,10 @@ class Step:
     status: int = 500
     size: int = MIB
     interval_ms: float = 50.0
+
+    def delayed(self, delay_ms: float) -> Step:
+        """This step after ``delay_ms``: as ``dataclasses.replace`` would, in half the time."""
+        return Step(self.kind, delay_ms, self.status, self.size, self.interval_ms)
 
     @property
     def label(self) -> str:
@@ -119,12 +122,24 @@ class CallRecord:
 
 
 class RawConnection:
-    """The client socket under one request, for behaviours that break HTTP."""
+    """The client socket under one request, for behaviours that break HTTP.
 
-    def __init__(self, sock: socket.socket, *, keep_alive: bool, release: Callable[[], None]):
+    ``readable_within(seconds)`` is the server's: True as soon as the socket turns
+    readable (data, EOF or an error), False once ``seconds`` have passed.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        keep_alive: bool,
+        release: Callable[[], None],
+        readable_within: Callable[[float], bool],
+    ):
         self.socket = sock
         self.keep_alive = keep_alive
-        self._release = release  # makes the server forget the connection and close its reader
+        self._release = release  # makes the server forget the connection
+        self.readable_within = readable_within
         self.dropped = False
 
     def drop(self, *, reset: bool) -> None:
@@ -162,9 +177,7 @@ class Call:
         sock = self.conn.socket
         deadline = time.monotonic() + seconds
         while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                wait_read(sock.fileno(), timeout=remaining)
-            except TimeoutError:
+            if not self.conn.readable_within(remaining):
                 return True
             try:
                 peeked = sock.recv(1, socket.MSG_PEEK)
@@ -184,7 +197,11 @@ class Call:
         previous = sock.gettimeout()
         sock.settimeout(SEND_LIMIT_S)
         try:
-            sock.sendall(data)
+            # One send takes a whole reply of the usual size; sendall, which asks the
+            # kernel for the buffer size each time, only for what is left over.
+            sent = sock.send(data)
+            if sent < len(data):
+                sock.sendall(memoryview(data)[sent:])
         except TimeoutError:
             self.conn.drop(reset=True)
             return False
@@ -201,27 +218,28 @@ class Call:
 
     def head(self, status: int, content_type: str, length: int | None) -> bytes:
         """Status line and headers; ``length=None`` means a chunked body."""
-        try:
-            reason = HTTPStatus(status).phrase
-        except ValueError:
-            reason = "Unknown"
-        lines = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {content_type}"]
-        if length is None:
-            lines.append("Transfer-Encoding: chunked")
-        else:
-            lines.append(f"Content-Length: {length}")
-        if status == 429:
-            lines.append("Retry-After: 1")
-        if not self.conn.keep_alive:
-            lines.append("Connection: close")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        framing = "Transfer-Encoding: chunked" if length is None else f"Content-Length: {length}"
+        retry = "Retry-After: 1\r\n" if status == 429 else ""
+        close = "" if self.conn.keep_alive else "Connection: close\r\n"
+        head = f"{_status_line(status)}Content-Type: {content_type}\r\n{framing}\r\n"
+        return f"{head}{retry}{close}\r\n".encode("latin-1")
 
     def respond(self, status: int, content_type: str, body: bytes) -> None:
         """A complete response in one write (one segment: no Nagle stall to wait out)."""
         self.send(self.head(status, content_type, len(body)) + body)
 
     def payload(self) -> bytes:
-        return json.dumps({"time": self.slept_ms}).encode()
+        """``{"time": N}`` byte for byte as ``json.dumps`` writes it, at a tenth of the cost."""
+        return b'{"time": %d}' % self.slept_ms
+
+
+@functools.cache
+def _status_line(status: int) -> str:
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Unknown"
+    return f"HTTP/1.1 {status} {reason}\r\n"
 
 
 Behaviour = Callable[[Call, Step], None]
@@ -239,7 +257,7 @@ def _ok(call: Call, step: Step) -> None:
 
 
 def _status(call: Call, step: Step) -> None:
-    body = json.dumps({"error": "simulated", "status": step.status}).encode()
+    body = b'{"error": "simulated", "status": %d}' % step.status  # as json.dumps writes it
     call.respond(step.status, JSON, body)
 
 

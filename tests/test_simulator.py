@@ -441,3 +441,94 @@ def test_a_stop_signal_exits_cleanly_even_with_a_call_hanging(signum: int) -> No
             assert process.pid is not None
             os.kill(process.pid, signum)
             assert process.wait(STOP_DEADLINE_S) == 0
+
+
+def exchange(sim: SimulatorProcess, data: bytes) -> tuple[bytes, bool]:
+    """Send raw bytes; everything answered, and whether the server then closed."""
+    with socket.create_connection(("127.0.0.1", sim.port), timeout=CLIENT_TIMEOUT_S) as sock:
+        sock.sendall(data)
+        sock.settimeout(HANG_PROBE_S)
+        received = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                return received, False
+            if not chunk:
+                return received, True
+            received += chunk
+
+
+@pytest.mark.parametrize(
+    ("request_head", "closed"),
+    [
+        (b"GET /api/work HTTP/1.1\r\nHost: upstream\r\n\r\n", False),
+        (b"GET /api/work HTTP/1.1\r\nConnection: close\r\n\r\n", True),
+        (b"GET /api/work HTTP/1.0\r\n\r\n", True),
+        (b"GET /api/work HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", False),
+        (b"GET /api/work?q=1 HTTP/1.1\nHost: upstream\n\n", False),
+    ],
+)
+def test_connections_persist_as_the_http_version_and_connection_header_say(
+    sim: SimulatorProcess, request_head: bytes, closed: bool
+) -> None:
+    got, got_closed = exchange(sim, request_head)
+    assert got.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert (b"Connection: close\r\n" in got) is closed
+    assert got_closed is closed
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x16\x03\x01\x02\x00 not http\r\n\r\n",
+        b"GET /api/work HTTP/2.0\r\n\r\n",
+        b"GET /api/work HTTP/1.1\r\nNo Colon Here\r\n\r\n",
+        b"GET /api/work HTTP/1.1\r\nHost: a\r\n folded: b\r\n\r\n",
+        b"POST /_sim/script HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+        b"POST /_sim/script HTTP/1.1\r\nContent-Length: 2097152\r\n\r\n",
+        b"POST /_sim/script HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET /api/work HTTP/1.1\r\nX-Long: " + b"a" * 70_000,
+    ],
+)
+def test_requests_that_cannot_be_framed_are_400_and_the_connection_closed(
+    sim: SimulatorProcess, data: bytes
+) -> None:
+    got, closed = exchange(sim, data)
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert json.loads(body)["error"] == "bad_request"
+    assert closed
+    assert sim.stats()["calls"] == 0
+
+
+def read_until_error_or_idle(sock: socket.socket) -> tuple[bytes, type[BaseException] | None]:
+    """Like read_until_error, but a connection kept open ends the read after a pause."""
+    sock.settimeout(HANG_PROBE_S)
+    received = b""
+    while True:
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            return received, None
+        except OSError as exc:
+            return received, type(exc)
+        if not data:
+            return received, None
+        received += data
+
+
+def test_control_bodies_may_come_in_pieces_after_100_continue(sim: SimulatorProcess) -> None:
+    body = json.dumps({"steps": [{"kind": "html"}]}).encode()
+    head = b"POST /_sim/script HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", sim.port), timeout=CLIENT_TIMEOUT_S) as sock:
+        sock.sendall(head % len(body))
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body[:5])
+        time.sleep(POLL_INTERVAL_S)
+        sock.sendall(body[5:] + REQUEST)
+        got, ending = read_until_error_or_idle(sock)
+    first, second = got.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200 OK") and b'"pending_steps": 1' in first
+    assert second.startswith(b"200 OK") and b"Content-Type: " + HTML.encode() in second
+    assert ending is None
