@@ -37,7 +37,11 @@ def create_app(
     runtime = Runtime.build(settings, tracer_provider)
     app.extensions["smart"] = runtime
     app.wsgi_app = Shedder(  # type: ignore[method-assign]
-        app.wsgi_app, runtime.limiter, runtime.telemetry, settings.retry_after_s
+        app.wsgi_app,
+        runtime.limiter,
+        runtime.telemetry,
+        settings.retry_after_s,
+        settings.refusal_pause_s,
     )
     app.register_blueprint(api.bp)
     app.register_blueprint(probes.bp)

@@ -62,11 +62,17 @@ class Settings:
         minimum=0,
     )
     max_in_flight: int = _setting(
-        512,
+        256,
         "Requests to /api/smart one worker serves at once; beyond it a 503 is immediate.",
         minimum=1,
     )
     retry_after_s: int = _setting(1, "Retry-After sent with a 503.", minimum=0)
+    refusal_pause_ms: int = _setting(
+        1_000,
+        "After a 503 `overloaded`, read nothing more from that connection for this long: "
+        "a client that retries at once on it is paced, at no CPU cost (0 = off).",
+        minimum=0,
+    )
     debug_endpoints: bool = _setting(
         False, "Serve /debug/runtime (in-flight counts, greenlets) for leak hunting."
     )
@@ -93,6 +99,10 @@ class Settings:
     @property
     def hedge_delay_s(self) -> float:
         return self.hedge_delay_ms / 1000
+
+    @property
+    def refusal_pause_s(self) -> float:
+        return self.refusal_pause_ms / 1000
 
     @property
     def connect_timeout_s(self) -> float:

@@ -10,8 +10,10 @@ once) and gives it back when the app has answered.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+
+import gevent
 
 from smart import errors
 from smart.admission import InFlightLimiter
@@ -34,12 +36,14 @@ class Shedder:
         limiter: InFlightLimiter,
         telemetry: Telemetry,
         retry_after_s: int,
+        pause_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.app = app
         self.limiter = limiter
         self.telemetry = telemetry
         self.error = errors.overloaded(retry_after_s, limiter.limit)
+        self.pause_s = pause_s
         self._clock = clock
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -78,4 +82,27 @@ class Shedder:
         telemetry = self.telemetry
         telemetry.refused(request_id, elapsed, environ.get("REMOTE_ADDR"))
         environ[REQUEST_LOGGED] = telemetry.log_requests
+        if self.pause_s > 0:
+            return PausedAnswer(body, self.pause_s)
         return [body]
+
+
+class PausedAnswer:
+    """A response body whose ``close`` waits ``pause_s``: the pause after a refusal.
+
+    The server calls ``close`` once the body is sent and before it reads the next
+    request on the connection. So the client has its 503 at once, and a client that
+    ignores ``Retry-After`` and retries at once on the same connection waits in the
+    socket's buffer, costing this worker a timer instead of another refusal. A client
+    on a new connection, or one that honours ``Retry-After``, does not wait at all.
+    """
+
+    def __init__(self, body: bytes, pause_s: float) -> None:
+        self.body = body
+        self.pause_s = pause_s
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.body
+
+    def close(self) -> None:
+        gevent.sleep(self.pause_s)

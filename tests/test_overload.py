@@ -22,6 +22,8 @@ CAP = 4
 #: "At once": the refusal is a comparison and a small JSON body. This bounds a whole
 #: round trip over loopback on a loaded CI box, far below the hanging requests' time.
 AT_ONCE_S = 0.5
+#: The server's pause after a refusal (SMART_REFUSAL_PAUSE_MS, its default).
+REFUSAL_PAUSE_S = 1.0
 #: How long the requests that fill the worker hang before their 504.
 HANG_TIMEOUT_MS = 3000
 #: Hedge budget of the server under test: hedges may be half of the first attempts,
@@ -87,6 +89,26 @@ def test_a_full_worker_answers_the_next_request_with_503_at_once_and_probes_stil
     assert [r.value.status_code for r in held] == [504] * CAP
     simulator.reset()
     assert get(capped, "?timeout=1000").status_code == 200  # the slots are free again
+
+
+def test_a_client_retrying_at_once_on_a_refused_connection_is_paced(
+    capped: Gunicorn, simulator: SimulatorProcess
+) -> None:
+    simulator.by_attempt({str(n): {"kind": "hang"} for n in (1, 2, 3)})
+    hanging = Pool(CAP)
+    for _ in range(CAP):
+        hanging.spawn(get, capped, f"?timeout={HANG_TIMEOUT_MS}")
+    assert wait_until(lambda: simulator.stats()["in_flight"] == CAP, AT_ONCE_S * 4)
+    with requests.Session() as client:  # one keep-alive connection
+        first = client.get(capped.url + "/api/smart", timeout=10)
+        again = client.get(capped.url + "/api/smart", timeout=10)
+    # A new connection is answered at once, while the refused one waits out its pause.
+    fresh = get(capped)
+    assert (first.status_code, again.status_code, fresh.status_code) == (503, 503, 503)
+    assert first.elapsed.total_seconds() < AT_ONCE_S
+    assert fresh.elapsed.total_seconds() < AT_ONCE_S
+    assert again.elapsed.total_seconds() >= REFUSAL_PAUSE_S
+    assert hanging.join(timeout=HANG_TIMEOUT_MS / 1000 + 5)
 
 
 def test_refusals_are_logged_as_overloaded(capped: Gunicorn, simulator: SimulatorProcess) -> None:
