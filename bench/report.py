@@ -10,6 +10,10 @@ from typing import Any
 SHOWN = ("50", "90", "99", "99.9")
 
 
+#: The offered load whose goodput the overload table compares against.
+OVERLOAD_REFERENCE = 200
+
+
 def write(results: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -129,6 +133,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{p['simulator_cpu_us_per_request']:.0f} | {p['wrk_cpu_us_per_request']:.0f} |"
             )
         lines.append("")
+    lines += _overload(results)
     unhedged = _points(results, scenario="unhedged")
     if unhedged:
         lines += [
@@ -176,6 +181,38 @@ def markdown(results: dict[str, Any]) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _overload(results: dict[str, Any]) -> list[str]:
+    """smart's fixed-mode points as an overload curve, against its goodput at 200."""
+    points = _points(results, scenario="fixed", server="smart")
+    peak = next((p for p in points if p["connections"] == OVERLOAD_REFERENCE), None)
+    if not points or peak is None or not peak["load"]["goodput"]:
+        return []
+    lines = [
+        "## Overload: smart, fixed 100 ms, closed-loop connections",
+        "",
+        f"Goodput relative to the {OVERLOAD_REFERENCE} connections point; 503s are the "
+        "in-flight cap's refusals; calls per 200 are upstream calls per successful answer.",
+        "",
+        f"| conns | 200/s | of the {OVERLOAD_REFERENCE}-conn point | 503/s | p99 | socket errors | "
+        "calls per 200 |",
+        "| ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for p in points:
+        load = p["load"]
+        seconds = load["duration_s"] or 1
+        ok = load["statuses"].get("200", 0)
+        refused = load["statuses"].get("503", 0)
+        # calls/req is over the requests that reached the upstream: all but the 503s.
+        upstream_requests = load["requests"] - refused
+        calls_per_200 = p["calls_per_request"] * upstream_requests / ok if ok else 0.0
+        lines.append(
+            f"| {p['connections']} | {load['goodput']:.0f} | "
+            f"{load['goodput'] / peak['load']['goodput']:.0%} | {refused / seconds:.0f} | "
+            f"{_pct(p, '99'):.0f} | {_socket_errors(p)} | {calls_per_200:.3f} |"
+        )
+    return [*lines, ""]
 
 
 def plot(results: dict[str, Any], out: Path) -> None:

@@ -51,7 +51,7 @@ class Plan:
 FULL = Plan(
     duration_s=10,
     warmup_s=2,
-    fixed_connections=(10, 50, 500, 2000, 10000),
+    fixed_connections=(10, 50, 200, 500, 2000, 10000),
     random_connections=(10, 50, 500, 2000),
     slow_duration_s=20,
     tail_connections=(10, 50),
@@ -62,7 +62,7 @@ QUICK = Plan(
     # Not shorter: a request unanswered for 5 s must show up as a timeout in its point.
     duration_s=8,
     warmup_s=1,
-    fixed_connections=(10, 500, 2000),
+    fixed_connections=(10, 200, 500, 2000),
     random_connections=(10, 500),
     slow_duration_s=8,
     tail_connections=(50,),
@@ -254,7 +254,7 @@ def run(plan: Plan, only: set[str] | None) -> list[Point]:
             for cap in (64, 128, 256, 512):
                 env = {"SMART_MAX_IN_FLIGHT": str(cap)}
                 with serving("smart", simulator, env) as server:
-                    for c in (500, 2000):
+                    for c in (200, 2000):
                         p = measure(f"cap{cap}", server, simulator, "fixed", c, 8, plan.warmup_s)
                         points.append(p)
         if want("capacity"):
