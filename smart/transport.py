@@ -61,10 +61,11 @@ def held_by_worker(greenlet: Any) -> bool:
     return bool(poller.poll(0))
 
 
-def _watch(sock: Any, event: int) -> None:
+def _watch(sock: Any, event: int | None) -> None:
+    """What the current (watched) greenlet blocks on next; None: nothing we can see."""
     current = getcurrent()
     if current in _watched:
-        _watched[current] = (sock, event)
+        _watched[current] = None if event is None else (sock, event)
 
 
 def _addresses(host: str, port: int) -> list[tuple[Any, ...]]:
@@ -98,6 +99,9 @@ def _connect(address: tuple[str, int], timeout: Any, source: Any, options: Any) 
                 sock.bind(source)
             _watch(sock, select.POLLOUT)  # writable: connected, or refused
             sock.connect(target)
+            # Connected. What follows until the answer's headers (a TLS handshake,
+            # sending the request) waits on the upstream, or on nothing: unwatched.
+            _watch(sock, None)
             return sock
         except OSError as exc:
             error = exc

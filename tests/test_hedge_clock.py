@@ -143,3 +143,23 @@ def test_a_connection_the_upstream_has_not_accepted_is_the_upstreams_time() -> N
         for filler in fillers:
             filler.close()
         listener.close()
+
+
+def test_a_tls_handshake_the_upstream_does_not_answer_is_the_upstreams_time() -> None:
+    # Connected at the TCP level (the socket is writable), waiting for a ServerHello
+    # that never comes: that wait is the upstream's, and must not hold off the hedges.
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    client = UpstreamClient(Settings(upstream_url=f"https://127.0.0.1:{port}/api/work"))
+    try:
+        attempt = gevent.spawn(client.fetch_once, 1, time.monotonic(), "rid-tls", 5.0)
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(4096)  # the ClientHello: the attempt now waits in the handshake
+            gevent.sleep(0.05)
+            assert not attempt.ready()
+            assert not held_by_worker(attempt)
+            attempt.kill()
+    finally:
+        client.close()
+        listener.close()
