@@ -66,6 +66,18 @@ class Settings:
         "Requests to /api/smart one worker serves at once; beyond it a 503 is immediate.",
         minimum=1,
     )
+    loop_lag_target_ms: int = _setting(
+        0,
+        "Lower the in-flight limit below SMART_MAX_IN_FLIGHT while the worker's event "
+        "loop runs later than this, so admitted requests keep their latency; costs "
+        "goodput against clients that retry at once (0 = off, the limit stays fixed).",
+        minimum=0,
+    )
+    min_in_flight: int = _setting(
+        16,
+        "The in-flight limit never goes below this, however late the event loop runs.",
+        minimum=1,
+    )
     retry_after_s: int = _setting(1, "Retry-After sent with a 503.", minimum=0)
     refusal_pause_ms: int = _setting(
         1_000,
@@ -103,6 +115,10 @@ class Settings:
     @property
     def refusal_pause_s(self) -> float:
         return self.refusal_pause_ms / 1000
+
+    @property
+    def loop_lag_target_s(self) -> float:
+        return self.loop_lag_target_ms / 1000
 
     @property
     def connect_timeout_s(self) -> float:

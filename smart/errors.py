@@ -40,11 +40,11 @@ def invalid_timeout(message: str) -> ApiError:
     return ApiError(400, "invalid_timeout", message)
 
 
-def overloaded(retry_after_s: int, limit: int) -> ApiError:
+def overloaded(retry_after_s: int) -> ApiError:
     return ApiError(
         503,
         "overloaded",
-        f"this worker is already serving {limit} requests; retry after {retry_after_s} s",
+        f"this worker is serving all the requests it can; retry after {retry_after_s} s",
         headers={"Retry-After": str(retry_after_s)},
     )
 

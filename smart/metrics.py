@@ -166,6 +166,13 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+        self.in_flight_limit = Gauge(
+            "smart_in_flight_limit",
+            "Admitted /api/smart requests live workers would serve at once now, summed "
+            "(the cap, lowered while a worker's event loop lags).",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.attempts_in_flight = Gauge(
             "smart_upstream_attempts_in_flight",
             "Upstream calls open now, summed over live workers.",

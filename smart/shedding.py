@@ -42,7 +42,7 @@ class Shedder:
         self.app = app
         self.limiter = limiter
         self.telemetry = telemetry
-        self.error = errors.overloaded(retry_after_s, limiter.limit)
+        self.error = errors.overloaded(retry_after_s)
         self.pause_s = pause_s
         self._clock = clock
 

@@ -104,6 +104,10 @@ class Telemetry:
         if self.metrics is not None:
             self.metrics.requests_in_flight.inc()
 
+    def limit_changed(self, limit: int) -> None:
+        if self.metrics is not None:
+            self.metrics.in_flight_limit.set(limit)
+
     def released(self) -> None:
         if self.metrics is not None:
             self.metrics.requests_in_flight.dec()

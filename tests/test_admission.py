@@ -7,6 +7,7 @@ reads real time, with margins far wider than any scheduling stall.
 
 from __future__ import annotations
 
+import itertools
 import runpy
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ import pytest
 from flask.testing import FlaskClient
 from gevent.pool import Pool
 
-from smart.admission import HedgeBudget, InFlightLimiter
+from smart.admission import HedgeBudget, InFlightLimiter, LagController
 from smart.app import create_app
 from smart.config import Settings
 from smart.hedge import AllAttemptsFailed, DeadlineExceeded, HedgeResult, hedge
@@ -116,6 +117,141 @@ def test_gunicorn_starts_with_the_default_cap(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.delenv("SMART_WORKER_CONNECTIONS", raising=False)
     monkeypatch.delenv("SMART_MAX_IN_FLIGHT", raising=False)
     assert runpy.run_path(str(GUNICORN_CONF))["worker_connections"] > Settings().max_in_flight
+
+
+# --- the in-flight limit follows the event loop's lag -----------------------------------
+
+#: The controller under test: a target of 20 ms, decided every 100 ms of the fake clock.
+TARGET_S, WINDOW_S = 0.020, 0.100
+
+
+def controlled(limit: int, floor: int = 4) -> tuple[LagController, InFlightLimiter, FakeClock]:
+    clock = FakeClock()
+    limiter = InFlightLimiter(limit)
+    return LagController(limiter, floor, TARGET_S, WINDOW_S, clock), limiter, clock
+
+
+def one_window(controller: LagController, clock: FakeClock, lags: list[float]) -> None:
+    """``lags`` as the samples of one window; the last one closes it."""
+    for lag in lags:
+        clock.now += WINDOW_S * 1.001 / len(lags)  # the last sample lands past the end
+        controller.observe(lag)
+
+
+def test_a_lagging_loop_cuts_the_limit_to_below_what_was_in_flight() -> None:
+    controller, limiter, clock = controlled(256)
+    for _ in range(50):
+        limiter.try_acquire()
+    one_window(controller, clock, [0.05] * 5)
+    # 90% of the 50 in flight, not of the cap of 256 that nobody used.
+    assert limiter.limit == 45
+    for _ in range(5):
+        limiter.release()
+    # 50 ran in this window too, admitted before the cut: the lag is theirs.
+    one_window(controller, clock, [0.05] * 5)
+    assert limiter.limit == 45
+    # A whole window at the new limit, and still lagging: the next cut.
+    one_window(controller, clock, [0.05] * 5)
+    assert limiter.limit == 40
+
+
+def test_the_limit_never_falls_below_its_floor() -> None:
+    controller, limiter, clock = controlled(64, floor=10)
+    limiter.try_acquire()
+    for _ in range(30):
+        one_window(controller, clock, [0.5] * 3)
+    assert limiter.limit == 10
+
+
+def test_single_late_wakeups_do_not_lower_the_limit() -> None:
+    controller, limiter, clock = controlled(64)
+    for _ in range(64):
+        limiter.try_acquire()
+    # The kernel gave the core away once or twice: the median turn was on time.
+    one_window(controller, clock, [0.001, 0.2, 0.001, 0.001, 0.09, 0.002, 0.001])
+    assert limiter.limit == 64
+
+
+def test_a_loop_that_keeps_up_raises_the_limit_only_while_requests_are_refused() -> None:
+    controller, limiter, clock = controlled(64)
+    one_window(controller, clock, [0.05] * 4)
+    assert limiter.limit == 4  # nothing in flight: cut to the floor
+    one_window(controller, clock, [0.001] * 4)
+    assert limiter.limit == 4  # on time, but nobody was refused: no reason to grow
+    grown = [limiter.limit]
+    for _ in range(40):
+        while limiter.try_acquire():
+            pass  # fill it, and one more is refused
+        one_window(controller, clock, [0.001] * 4)
+        grown.append(limiter.limit)
+        limiter.in_flight = 0
+    assert grown[:5] == [4, 5, 6, 7, 8]  # at least one more a window
+    assert grown[-1] == 64  # and back to the cap, never above it
+    assert all(a <= b for a, b in itertools.pairwise(grown))
+
+
+def test_a_lag_between_half_the_target_and_the_target_holds_the_limit() -> None:
+    controller, limiter, clock = controlled(64)
+    for _ in range(65):
+        limiter.try_acquire()
+    one_window(controller, clock, [TARGET_S * 0.75] * 4)
+    assert limiter.limit == 64
+
+
+def test_a_worker_whose_loop_is_kept_busy_lowers_its_limit_and_raises_it_when_free() -> None:
+    """The real watcher greenlet on the real gevent loop: CPU-bound greenlets make the
+    loop late, the limit falls; once they stop and requests are refused, it climbs back.
+    """
+    settings = Settings(
+        upstream_url="http://127.0.0.1:9/api/work",
+        max_in_flight=64,
+        min_in_flight=4,
+        loop_lag_target_ms=5,
+        metrics=False,
+        log_requests=False,
+    )
+    runtime = Runtime.build(settings)
+    limiter = runtime.limiter
+    try:
+        for _ in range(32):
+            limiter.try_acquire()
+        busy = True
+
+        def hog() -> None:
+            while busy:
+                end = time.monotonic() + 0.03  # each turn of the loop takes 30 ms
+                while time.monotonic() < end:
+                    pass
+                gevent.sleep(0)
+
+        hogs = [gevent.spawn(hog) for _ in range(2)]
+        assert wait_until(lambda: limiter.limit < 32, LAG_REACTION_S)
+        busy = False
+        gevent.joinall(hogs, timeout=PROMPTLY_S)
+        limiter.in_flight = 0
+
+        def refused_and_grown() -> bool:
+            while limiter.try_acquire():
+                pass
+            limiter.in_flight = 0
+            return limiter.limit == 64
+
+        assert wait_until(refused_and_grown, LAG_REACTION_S * 4)
+    finally:
+        runtime.close()
+
+
+#: Generous bound on the controller reacting, many 100 ms windows on a loaded box.
+LAG_REACTION_S = 10.0
+
+
+def wait_until(predicate: Callable[[], bool], within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        gevent.sleep(0.02)
+    return predicate()
 
 
 # --- the hedge budget ----------------------------------------------------------------
