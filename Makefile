@@ -61,7 +61,7 @@ $(CI_STAMP): requirements-ci.txt $(STAMP)
 	@touch $@
 
 # Load benchmark on 127.0.0.1: smart and a naive baseline under wrk beside the ideal
-# hedger; results in bench/results/ (docs/PERFORMANCE.md). BENCH_QUICK=1: ~3.5 minutes.
+# hedger; results in bench/results/ (docs/PERFORMANCE.md). BENCH_QUICK=1: ~4 minutes.
 bench: $(STAMP)
 	@bash bench/bench.sh
 

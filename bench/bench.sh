@@ -31,5 +31,5 @@ if [ "${1:-}" = "--profile" ]; then
   shift
   module=bench.profile
 fi
-# Bounded: the full plan takes about 7 minutes; past 9 the run is stopped.
-exec timeout --signal=TERM --kill-after=30 540 "$bin/python" -m "$module" "$@"
+# Bounded: the full plan takes about 9 minutes; past 12 the run is stopped.
+exec timeout --signal=TERM --kill-after=30 720 "$bin/python" -m "$module" "$@"

@@ -31,6 +31,9 @@ class LoadResult:
     percentiles_ms: dict[str, float]  # "50" -> ms, "99.9" -> ms ...
     wrk_cpu_s: float
     extra: dict[str, object] = field(default_factory=dict)
+    #: The 200s by the server's own time (Server-Timing total), whole ms -> count: the
+    #: latency of admitted requests, without any wait in the kernel's accept queue.
+    served_ms: dict[int, int] = field(default_factory=dict)
 
     @property
     def rps(self) -> float:
@@ -46,6 +49,18 @@ class LoadResult:
 
     def percentile(self, p: float) -> float:
         return self.percentiles_ms[f"{p:g}"]
+
+    def served_percentile(self, p: float) -> float | None:
+        """The ``p``-th percentile of ``served_ms`` (upper edge of its 1 ms bucket)."""
+        total = sum(self.served_ms.values())
+        if not total:
+            return None
+        rank, seen = p / 100 * total, 0
+        for ms in sorted(self.served_ms):
+            seen += self.served_ms[ms]
+            if seen >= rank:
+                return float(ms + 1)
+        return float(max(self.served_ms) + 1)
 
 
 def threads_for(connections: int) -> int:
@@ -86,4 +101,5 @@ def run_wrk(
         latency_ms={k: lat[k] / 1000 for k in ("min", "max", "mean", "stdev")},
         percentiles_ms={k: v / 1000 for k, v in lat["percentiles"].items()},
         wrk_cpu_s=(after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+        served_ms={int(ms): n for ms, n in data.get("served_ms", {}).items()},
     )

@@ -1,5 +1,8 @@
 -- Counts answers by status in each wrk thread and prints one JSON object at the end:
 -- totals, socket errors, statuses and the latency distribution (microseconds).
+-- For every 200 it also keeps the server's own time (the Server-Timing total, whole
+-- milliseconds): the latency of admitted requests, without the time a connection
+-- waited in the kernel's queue before the server took it.
 local threads = {}
 
 function setup(thread)
@@ -8,10 +11,34 @@ end
 
 function init(args)
   statuses = {}
+  served_ms = {}
 end
 
 function response(status, headers, body)
   statuses[status] = (statuses[status] or 0) + 1
+  if status == 200 then
+    local timing = headers["Server-Timing"] or headers["server-timing"]
+    local dur = timing and tonumber(string.match(timing, "total;dur=([%d.]+)"))
+    if dur then
+      local ms = math.floor(dur)
+      served_ms[ms] = (served_ms[ms] or 0) + 1
+    end
+  end
+end
+
+-- {"ms": count, ...} of the 200s' Server-Timing totals, merged over the threads.
+local function served(threads)
+  local merged = {}
+  for _, thread in ipairs(threads) do
+    for ms, n in pairs(thread:get("served_ms")) do
+      merged[ms] = (merged[ms] or 0) + n
+    end
+  end
+  local parts = {}
+  for ms, n in pairs(merged) do
+    table.insert(parts, string.format('"%d": %d', ms, n))
+  end
+  return "{" .. table.concat(parts, ", ") .. "}"
 end
 
 local function percentiles(latency)
@@ -43,9 +70,10 @@ function done(summary, latency, requests)
     '{"duration_us": %d, "requests": %d, "bytes": %d, ' ..
     '"errors": {"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}, ' ..
     '"statuses": {%s}, "latency_us": {"min": %d, "max": %d, "mean": %.1f, "stdev": %.1f, ' ..
-    '"percentiles": %s}}\n',
+    '"percentiles": %s}, "served_ms": %s}\n',
     summary.duration, summary.requests, summary.bytes,
     e.connect, e.read, e.write, e.status, e.timeout,
     table.concat(parts, ", "),
-    latency.min, latency.max, latency.mean, latency.stdev, percentiles(latency)))
+    latency.min, latency.max, latency.mean, latency.stdev, percentiles(latency),
+    served(threads)))
 end
