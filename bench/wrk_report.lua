@@ -26,17 +26,17 @@ function response(status, headers, body)
   end
 end
 
--- {"ms": count, ...} of the 200s' Server-Timing totals, merged over the threads.
-local function served(threads)
+-- A per-thread table of counts (by status, by ms), summed over the threads as JSON.
+local function summed(name)
   local merged = {}
   for _, thread in ipairs(threads) do
-    for ms, n in pairs(thread:get("served_ms")) do
-      merged[ms] = (merged[ms] or 0) + n
+    for key, n in pairs(thread:get(name)) do
+      merged[key] = (merged[key] or 0) + n
     end
   end
   local parts = {}
-  for ms, n in pairs(merged) do
-    table.insert(parts, string.format('"%d": %d', ms, n))
+  for key, n in pairs(merged) do
+    table.insert(parts, string.format('"%d": %d', key, n))
   end
   return "{" .. table.concat(parts, ", ") .. "}"
 end
@@ -54,26 +54,16 @@ local function percentiles(latency)
 end
 
 function done(summary, latency, requests)
-  local counts = {}
-  for _, thread in ipairs(threads) do
-    for status, n in pairs(thread:get("statuses")) do
-      counts[status] = (counts[status] or 0) + n
-    end
-  end
-  local parts = {}
-  for status, n in pairs(counts) do
-    table.insert(parts, string.format('"%d": %d', status, n))
-  end
   local e = summary.errors
   io.write("WRK_JSON ")
   io.write(string.format(
     '{"duration_us": %d, "requests": %d, "bytes": %d, ' ..
     '"errors": {"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}, ' ..
-    '"statuses": {%s}, "latency_us": {"min": %d, "max": %d, "mean": %.1f, "stdev": %.1f, ' ..
+    '"statuses": %s, "latency_us": {"min": %d, "max": %d, "mean": %.1f, "stdev": %.1f, ' ..
     '"percentiles": %s}, "served_ms": %s}\n',
     summary.duration, summary.requests, summary.bytes,
     e.connect, e.read, e.write, e.status, e.timeout,
-    table.concat(parts, ", "),
+    summed("statuses"),
     latency.min, latency.max, latency.mean, latency.stdev, percentiles(latency),
-    served(threads)))
+    summed("served_ms")))
 end

@@ -24,6 +24,7 @@ from smart.config import Settings
 from smart.hedge import AllAttemptsFailed, DeadlineExceeded, HedgeResult, hedge
 from smart.outcome import Kind, Outcome
 from smart.runtime import Runtime
+from tests.support import wait_until
 
 #: A bound on waiting for something that should happen at once.
 PROMPTLY_S = 1.0
@@ -243,15 +244,6 @@ def test_a_worker_whose_loop_is_kept_busy_lowers_its_limit_and_raises_it_when_fr
 
 #: Generous bound on the controller reacting, many 100 ms windows on a loaded box.
 LAG_REACTION_S = 10.0
-
-
-def wait_until(predicate: Callable[[], bool], within_s: float) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        gevent.sleep(0.02)
-    return predicate()
 
 
 # --- the hedge budget ----------------------------------------------------------------
