@@ -37,6 +37,10 @@ class InFlightLimiter:
     def release(self) -> None:
         self.in_flight -= 1
 
+    def full(self) -> bool:
+        """Whether the next request would be refused."""
+        return self.in_flight >= self.limit
+
 
 class LagController:
     """Keeps the in-flight limit where this worker's event loop keeps up with its work.

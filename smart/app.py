@@ -42,6 +42,7 @@ def create_app(
         runtime.telemetry,
         settings.retry_after_s,
         settings.refusal_pause_s,
+        settings.refusal_pause_max_s,
     )
     app.register_blueprint(api.bp)
     app.register_blueprint(probes.bp)

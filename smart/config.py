@@ -85,6 +85,13 @@ class Settings:
         "a client that retries at once on it is paced, at no CPU cost (0 = off).",
         minimum=0,
     )
+    refusal_pause_max_ms: int = _setting(
+        4_000,
+        "While the worker is still full when a refusal's pause ends, keep pausing that "
+        "connection, one pause at a time, up to this long in all (below "
+        "SMART_REFUSAL_PAUSE_MS: one pause only).",
+        minimum=0,
+    )
     debug_endpoints: bool = _setting(
         False, "Serve /debug/runtime (in-flight counts, greenlets) for leak hunting."
     )
@@ -115,6 +122,10 @@ class Settings:
     @property
     def refusal_pause_s(self) -> float:
         return self.refusal_pause_ms / 1000
+
+    @property
+    def refusal_pause_max_s(self) -> float:
+        return max(self.refusal_pause_ms, self.refusal_pause_max_ms) / 1000
 
     @property
     def loop_lag_target_s(self) -> float:

@@ -37,6 +37,7 @@ class Shedder:
         telemetry: Telemetry,
         retry_after_s: int,
         pause_s: float = 0.0,
+        pause_max_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.app = app
@@ -44,6 +45,7 @@ class Shedder:
         self.telemetry = telemetry
         self.error = errors.overloaded(retry_after_s)
         self.pause_s = pause_s
+        self.pause_max_s = max(pause_s, pause_max_s)
         self._clock = clock
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -83,26 +85,46 @@ class Shedder:
         telemetry.refused(request_id, elapsed, environ.get("REMOTE_ADDR"))
         environ[REQUEST_LOGGED] = telemetry.log_requests
         if self.pause_s > 0:
-            return PausedAnswer(body, self.pause_s)
+            return PausedAnswer(body, self.pause_s, self.pause_max_s, self.limiter.full)
         return [body]
 
 
 class PausedAnswer:
-    """A response body whose ``close`` waits ``pause_s``: the pause after a refusal.
+    """A response body whose ``close`` waits: the pause after a refusal.
 
     The server calls ``close`` once the body is sent and before it reads the next
     request on the connection. So the client has its 503 at once, and a client that
     ignores ``Retry-After`` and retries at once on the same connection waits in the
     socket's buffer, costing this worker a timer instead of another refusal. A client
-    on a new connection, or one that honours ``Retry-After``, does not wait at all.
+    on a new connection does not wait at all.
+
+    The wait is ``pause_s``, then another ``pause_s`` for as long as ``still_full()``
+    says the worker would refuse the retry too, up to ``max_s`` in all: under a
+    sustained closed-loop flood each connection costs one refusal per ``max_s``
+    instead of one per ``pause_s``.
     """
 
-    def __init__(self, body: bytes, pause_s: float) -> None:
+    def __init__(
+        self,
+        body: bytes,
+        pause_s: float,
+        max_s: float,
+        still_full: Callable[[], bool],
+        sleep: Callable[[float], object] = gevent.sleep,
+    ) -> None:
         self.body = body
         self.pause_s = pause_s
+        self.max_s = max_s
+        self.still_full = still_full
+        self._sleep = sleep
 
     def __iter__(self) -> Iterator[bytes]:
         yield self.body
 
     def close(self) -> None:
-        gevent.sleep(self.pause_s)
+        pause_s = held_s = self.pause_s
+        self._sleep(pause_s)
+        while held_s < self.max_s and self.still_full():
+            step = min(pause_s, self.max_s - held_s)
+            self._sleep(step)
+            held_s += step

@@ -24,8 +24,13 @@ CAP = 4
 AT_ONCE_S = 0.5
 #: The server's pause after a refusal (SMART_REFUSAL_PAUSE_MS, its default).
 REFUSAL_PAUSE_S = 1.0
-#: How long the requests that fill the worker hang before their 504.
+#: How long the requests that fill the worker hang before their 504: shorter than the
+#: longest a refused connection is paused (SMART_REFUSAL_PAUSE_MAX_MS, 4 s).
 HANG_TIMEOUT_MS = 3000
+#: A request that must end soon once admitted, against a hanging upstream.
+SHORT_TIMEOUT_MS = 200
+#: Bound on threads of the test finishing that are already answered or about to be.
+PROMPTLY_S = 5.0
 #: Hedge budget of the server under test: hedges may be half of the first attempts,
 #: with no reserve, over a window far longer than the test.
 BUDGET_RATIO = 0.5
@@ -91,24 +96,27 @@ def test_a_full_worker_answers_the_next_request_with_503_at_once_and_probes_stil
     assert get(capped, "?timeout=1000").status_code == 200  # the slots are free again
 
 
-def test_a_client_retrying_at_once_on_a_refused_connection_is_paced(
+def test_a_client_retrying_at_once_on_a_refused_connection_waits_while_the_worker_is_full(
     capped: Gunicorn, simulator: SimulatorProcess
 ) -> None:
     simulator.by_attempt({str(n): {"kind": "hang"} for n in (1, 2, 3)})
     hanging = Pool(CAP)
-    for _ in range(CAP):
-        hanging.spawn(get, capped, f"?timeout={HANG_TIMEOUT_MS}")
+    held = [hanging.spawn(get, capped, f"?timeout={HANG_TIMEOUT_MS}") for _ in range(CAP)]
     assert wait_until(lambda: simulator.stats()["in_flight"] == CAP, AT_ONCE_S * 4)
     with requests.Session() as client:  # one keep-alive connection
         first = client.get(capped.url + "/api/smart", timeout=10)
-        again = client.get(capped.url + "/api/smart", timeout=10)
-    # A new connection is answered at once, while the refused one waits out its pause.
-    fresh = get(capped)
-    assert (first.status_code, again.status_code, fresh.status_code) == (503, 503, 503)
+        # A new connection is answered at once, while the refused one is paused.
+        fresh = get(capped)
+        again = client.get(f"{capped.url}/api/smart?timeout={SHORT_TIMEOUT_MS}", timeout=10)
+    assert (first.status_code, fresh.status_code) == (503, 503)
     assert first.elapsed.total_seconds() < AT_ONCE_S
     assert fresh.elapsed.total_seconds() < AT_ONCE_S
+    # The retry was read only once the hanging requests had their answers, a pause at a
+    # time, so it found a free slot: admitted, it ran into its own short timeout.
     assert again.elapsed.total_seconds() >= REFUSAL_PAUSE_S
-    assert hanging.join(timeout=HANG_TIMEOUT_MS / 1000 + 5)
+    assert all(g.ready() for g in held)
+    assert again.status_code == 504 and again.json()["error"] == "upstream_timeout"
+    assert hanging.join(timeout=PROMPTLY_S)
 
 
 def test_refusals_are_logged_as_overloaded(capped: Gunicorn, simulator: SimulatorProcess) -> None:

@@ -12,7 +12,7 @@ import pytest
 from smart.admission import InFlightLimiter
 from smart.app import create_app
 from smart.config import Settings
-from smart.shedding import Shedder
+from smart.shedding import PausedAnswer, Shedder
 from smart.telemetry import REFUSALS_LOGGED_PER_S, RefusalLog, Telemetry
 
 REFUSED_URL = "http://127.0.0.1:9/api/work"
@@ -100,6 +100,50 @@ def test_a_crashing_request_gives_its_slot_back() -> None:
         assert runtime.limiter.in_flight == 0
     finally:
         runtime.close()
+
+
+# --- the pause after a refusal ---------------------------------------------------------
+
+
+def paused(fullness: list[bool], pause_s: float, max_s: float) -> list[float]:
+    """The waits of one refused connection's pause, the worker full as ``fullness`` says
+    at each check (and full after the list runs out)."""
+    waits: list[float] = []
+    checks = iter(fullness)
+    answer = PausedAnswer(b"{}", pause_s, max_s, lambda: next(checks, True), waits.append)
+    assert list(answer) == [b"{}"]
+    assert waits == []  # the body goes out before any wait
+    answer.close()
+    return waits
+
+
+def test_a_refused_connection_is_read_again_after_one_pause_once_the_worker_has_room() -> None:
+    assert paused([False], pause_s=1.0, max_s=4.0) == [1.0]
+
+
+def test_a_refused_connection_stays_paused_while_the_worker_is_full() -> None:
+    assert paused([True, True, False], pause_s=1.0, max_s=4.0) == [1.0, 1.0, 1.0]
+
+
+def test_the_pause_of_a_refused_connection_never_exceeds_its_maximum() -> None:
+    assert paused([], pause_s=1.0, max_s=4.0) == [1.0, 1.0, 1.0, 1.0]
+    assert paused([], pause_s=1.0, max_s=2.5) == [1.0, 1.0, 0.5]
+    assert paused([], pause_s=1.0, max_s=1.0) == [1.0]
+
+
+def test_the_shedder_pauses_its_refusals_until_its_limiter_has_room() -> None:
+    limiter = InFlightLimiter(1)
+    shedder = Shedder(
+        App(limiter), limiter, Telemetry(log_requests=False), 1, pause_s=1.0, pause_max_s=3.0
+    )
+    assert limiter.try_acquire()
+    environ = {"PATH_INFO": "/api/smart", "REQUEST_METHOD": "GET"}
+    answer = shedder(environ, lambda status, headers: None)
+    assert isinstance(answer, PausedAnswer)
+    assert (answer.pause_s, answer.max_s) == (1.0, 3.0)
+    assert answer.still_full()
+    limiter.release()
+    assert not answer.still_full()
 
 
 class Clock:
