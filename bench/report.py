@@ -133,8 +133,10 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{p['simulator_cpu_us_per_request']:.0f} | {p['wrk_cpu_us_per_request']:.0f} |"
             )
         lines.append("")
-    lines += _overload(results, "fixed", "the fixed in-flight cap (the default)")
-    lines += _overload(results, "lag", "the limit following loop lag (`SMART_LOOP_LAG_TARGET_MS`)")
+    lines += _overload(
+        results, "fixed", "the in-flight limit following loop lag (the default, 10 ms)"
+    )
+    lines += _overload(results, "cap", "a fixed in-flight cap (`SMART_LOOP_LAG_TARGET_MS=0`)")
     unhedged = _points(results, scenario="unhedged")
     if unhedged:
         lines += [

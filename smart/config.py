@@ -67,10 +67,11 @@ class Settings:
         minimum=1,
     )
     loop_lag_target_ms: int = _setting(
-        0,
+        10,
         "Lower the in-flight limit below SMART_MAX_IN_FLIGHT while the worker's event "
-        "loop runs later than this, so admitted requests keep their latency; costs "
-        "goodput against clients that retry at once (0 = off, the limit stays fixed).",
+        "loop runs later than this (median over 100 ms), so admitted requests keep close "
+        "to the upstream's latency when the worker's core is saturated (0 = off: the "
+        "limit stays at SMART_MAX_IN_FLIGHT).",
         minimum=0,
     )
     min_in_flight: int = _setting(
