@@ -6,6 +6,9 @@ One worker per server, so that its cap and its budget are the ones the test fill
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ from typing import Any
 import pytest
 import requests
 from gevent.pool import Pool
+from prometheus_client.parser import text_string_to_metric_families
 
 from smart.simulator_process import SimulatorProcess
 from tests.support import Gunicorn, wait_until
@@ -31,6 +35,13 @@ HANG_TIMEOUT_MS = 3000
 SHORT_TIMEOUT_MS = 200
 #: Bound on threads of the test finishing that are already answered or about to be.
 PROMPTLY_S = 5.0
+#: The lag-limit test: its worker's cap, and the requests that hang in it (well below).
+LAG_CAP, LAG_HELD = 16, 4
+#: One stop of the worker process: five times the default lag target of 10 ms, and
+#: nothing next to gunicorn's 30 s heartbeat. Several make a 100 ms window's median.
+STALL_S, STALLS_PER_LOOK = 0.05, 6
+#: Generous bound on the controller reacting: many 100 ms windows on a loaded box.
+LAG_REACTION_S = 10.0
 #: Hedge budget of the server under test: hedges may be half of the first attempts,
 #: with no reserve, over a window far longer than the test.
 BUDGET_RATIO = 0.5
@@ -117,6 +128,52 @@ def test_a_client_retrying_at_once_on_a_refused_connection_waits_while_the_worke
     assert all(g.ready() for g in held)
     assert again.status_code == 504 and again.json()["error"] == "upstream_timeout"
     assert hanging.join(timeout=PROMPTLY_S)
+
+
+def test_a_worker_whose_event_loop_lags_refuses_below_its_cap_by_default(
+    simulator: SimulatorProcess, tmp_path: Path
+) -> None:
+    env = {
+        "SMART_UPSTREAM_URL": simulator.work_url,
+        "SMART_MAX_IN_FLIGHT": str(LAG_CAP),
+        "SMART_MIN_IN_FLIGHT": "1",
+        "SMART_LOOP_LAG_TARGET_MS": "",  # unset: the default, which the harness pins off
+    }
+    simulator.by_attempt({str(n): {"kind": "hang"} for n in (1, 2, 3)})
+    with Gunicorn(env, workers=1, tmp_path=tmp_path) as server:
+        (worker,) = server.worker_pids()
+        hanging = Pool(LAG_HELD)
+        for _ in range(LAG_HELD):
+            hanging.spawn(get, server, f"?timeout={HANG_TIMEOUT_MS}")
+        assert wait_until(lambda: simulator.stats()["in_flight"] >= LAG_HELD, AT_ONCE_S * 4)
+
+        def stalled_until_lowered() -> bool:
+            # Stopping the worker's process makes every timer of its loop late, as a
+            # saturated core would.
+            for _ in range(STALLS_PER_LOOK):
+                os.kill(worker, signal.SIGSTOP)
+                try:
+                    time.sleep(STALL_S)
+                finally:
+                    os.kill(worker, signal.SIGCONT)
+            return in_flight_limit(server) < LAG_HELD
+
+        assert wait_until(stalled_until_lowered, LAG_REACTION_S)
+        refused = get(server, "?timeout=1000")  # 4 in flight, far below the cap of 16
+        assert refused.status_code == 503
+        assert refused.json()["error"] == "overloaded"
+        assert hanging.join(timeout=HANG_TIMEOUT_MS / 1000 + PROMPTLY_S)
+
+
+def in_flight_limit(server: Gunicorn) -> float:
+    text = get(server, path="/metrics").text
+    (value,) = [
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "smart_in_flight_limit"
+    ]
+    return value
 
 
 def test_refusals_are_logged_as_overloaded(capped: Gunicorn, simulator: SimulatorProcess) -> None:
