@@ -60,6 +60,8 @@ def main() -> int:
             "SMART_ATTEMPT_TIMEOUT_MS": "1000",
             "SMART_DEBUG_ENDPOINTS": "true",
             "SMART_LOG_REQUESTS": "false",
+            # Production's lag limit, which the test harness pins off.
+            "SMART_LOOP_LAG_TARGET_MS": "",
         }
         with Gunicorn(env, workers=2) as server:
             return soak(server, simulator, args.duration, args.concurrency, args.every)

@@ -35,5 +35,8 @@ def runtime_state() -> Response:
 
 
 def live_greenlets() -> int:
-    """Greenlets of this process that have started and not finished (the hub included)."""
+    """Greenlets of this process that have started and not finished, among the objects
+    the garbage collector tracks: those the worker started before it froze its
+    start-up objects out of collection (the hub, housekeeping) are not counted, so a
+    fresh worker counts the few of its first connections and growth is what shows."""
     return sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet) and bool(obj))
