@@ -74,6 +74,8 @@ def refusal() -> None:
                 "SMART_MAX_IN_FLIGHT": "1",
                 "SMART_HEDGE_FANOUT": "0",
                 "SMART_LOG_REQUESTS": log_requests,
+                # The cost of one refusal, not its pacing: no pause after a 503.
+                "SMART_REFUSAL_PAUSE_MS": "0",
             }
             with Gunicorn(env, workers=1) as server:
                 (pid,) = server.worker_pids()
