@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import requests
 from gevent.pool import Pool
@@ -35,6 +37,10 @@ HANG_TIMEOUT_MS = 3000
 SHORT_TIMEOUT_MS = 200
 #: Bound on threads of the test finishing that are already answered or about to be.
 PROMPTLY_S = 5.0
+#: The longest a refused connection is paused (SMART_REFUSAL_PAUSE_MAX_MS, its default).
+REFUSAL_PAUSE_MAX_S = 4.0
+#: Clients that get a 503 and hang up while their connection is paused.
+REFUSED_CLIENTS = 20
 #: The lag-limit test: its worker's cap, and the requests that hang in it (well below).
 LAG_CAP, LAG_HELD = 16, 4
 #: One stop of the worker process: five times the default lag target of 10 ms, and
@@ -128,6 +134,54 @@ def test_a_client_retrying_at_once_on_a_refused_connection_waits_while_the_worke
     assert all(g.ready() for g in held)
     assert again.status_code == 504 and again.json()["error"] == "upstream_timeout"
     assert hanging.join(timeout=PROMPTLY_S)
+
+
+def test_refused_connections_whose_clients_hang_up_while_paused_are_closed(
+    capped: Gunicorn, simulator: SimulatorProcess
+) -> None:
+    simulator.by_attempt({str(n): {"kind": "hang"} for n in (1, 2, 3)})
+    hanging = Pool(CAP)
+    for _ in range(CAP):
+        hanging.spawn(get, capped, f"?timeout={HANG_TIMEOUT_MS}")
+    assert wait_until(lambda: simulator.stats()["in_flight"] >= CAP, AT_ONCE_S * 4)
+    (worker,) = capped.worker_pids()
+    for _ in range(REFUSED_CLIENTS):
+        with socket.create_connection(("127.0.0.1", capped.port), timeout=10) as client:
+            client.sendall(b"GET /api/smart HTTP/1.1\r\nHost: smart\r\n\r\n")
+            # The whole answer is read, so that closing sends a FIN, not a reset: the
+            # worker's end then waits in CLOSE_WAIT, where a leak would show.
+            assert read_response(client).startswith(b"HTTP/1.1 503")
+    # The worker holds each of them, unread, until its pause ends; then it reads the
+    # client's end of the stream and closes. Nothing of them may stay behind.
+    assert wait_until(
+        lambda: client_sockets(worker, capped.port) == 0, REFUSAL_PAUSE_MAX_S + PROMPTLY_S
+    )
+    assert hanging.join(timeout=PROMPTLY_S)
+
+
+def read_response(client: socket.socket) -> bytes:
+    """One HTTP/1.1 response with a Content-Length, read to its last byte."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += client.recv(4096)
+    head, _, body = data.partition(b"\r\n\r\n")
+    (length,) = [
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    ]
+    while len(body) < length:
+        body += client.recv(4096)
+    return data
+
+
+def client_sockets(pid: int, port: int) -> int:
+    """The worker's sockets of client connections to ``port``, in any state."""
+    return sum(
+        1
+        for c in psutil.Process(pid).net_connections("tcp")
+        if c.laddr.port == port and c.status != psutil.CONN_LISTEN
+    )
 
 
 def test_a_worker_whose_event_loop_lags_refuses_below_its_cap_by_default(
