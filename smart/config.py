@@ -126,7 +126,7 @@ class Settings:
 
     @property
     def refusal_pause_max_s(self) -> float:
-        return max(self.refusal_pause_ms, self.refusal_pause_max_ms) / 1000
+        return self.refusal_pause_max_ms / 1000
 
     @property
     def loop_lag_target_s(self) -> float:

@@ -19,6 +19,7 @@ from types import TracebackType
 import gevent
 import psutil
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,6 +158,17 @@ class Gunicorn:
 def _collect(stream: object, into: list[str]) -> None:
     for line in stream:  # type: ignore[attr-defined]
         into.append(line)
+
+
+def scrape_total(server: Gunicorn, name: str) -> float:
+    """The sum of every sample called ``name`` on the server's /metrics."""
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    )
 
 
 def wait_until(predicate: object, timeout: float, interval: float = 0.02) -> bool:

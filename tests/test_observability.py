@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from smart.simulator_process import SimulatorProcess
 from tests.prometheus_tools import SCRAPE_INTERVAL_S, PrometheusServer
-from tests.support import ROOT, Gunicorn, wait_until
+from tests.support import ROOT, Gunicorn, scrape_total, wait_until
 
 #: Clients at once: enough that both workers accept connections, little for 2 cores.
 CONCURRENCY = 10
@@ -396,16 +396,6 @@ def healthy(server: Gunicorn) -> bool:
         return requests.get(server.url + "/healthz", timeout=1).status_code == 200
     except requests.RequestException:
         return False
-
-
-def scrape_total(server: Gunicorn, name: str) -> float:
-    text = requests.get(server.url + "/metrics", timeout=10).text
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name
-    )
 
 
 def test_each_start_counts_from_zero_in_a_reused_metrics_directory(

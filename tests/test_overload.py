@@ -18,10 +18,9 @@ import psutil
 import pytest
 import requests
 from gevent.pool import Pool
-from prometheus_client.parser import text_string_to_metric_families
 
 from smart.simulator_process import SimulatorProcess
-from tests.support import Gunicorn, wait_until
+from tests.support import Gunicorn, scrape_total, wait_until
 
 #: The cap of the server under test, and as many requests that hang upstream.
 CAP = 4
@@ -210,24 +209,13 @@ def test_a_worker_whose_event_loop_lags_refuses_below_its_cap_by_default(
                     time.sleep(STALL_S)
                 finally:
                     os.kill(worker, signal.SIGCONT)
-            return in_flight_limit(server) < LAG_HELD
+            return scrape_total(server, "smart_in_flight_limit") < LAG_HELD
 
         assert wait_until(stalled_until_lowered, LAG_REACTION_S)
         refused = get(server, "?timeout=1000")  # 4 in flight, far below the cap of 16
         assert refused.status_code == 503
         assert refused.json()["error"] == "overloaded"
         assert hanging.join(timeout=HANG_TIMEOUT_MS / 1000 + PROMPTLY_S)
-
-
-def in_flight_limit(server: Gunicorn) -> float:
-    text = get(server, path="/metrics").text
-    (value,) = [
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "smart_in_flight_limit"
-    ]
-    return value
 
 
 def test_refusals_are_logged_as_overloaded(capped: Gunicorn, simulator: SimulatorProcess) -> None:
