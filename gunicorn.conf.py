@@ -45,12 +45,9 @@ workers = _env_int("WEB_CONCURRENCY", os.cpu_count() or 1)
 # itself (414, 431, 400) are JSON like every other response. Resolved by name in the
 # master; smart/worker.py imports nothing but gunicorn.
 worker_class = "smart.worker.JsonErrorsGeventWorker"
-# Open client connections one worker accepts. Must stay above SMART_MAX_IN_FLIGHT so
-# that requests past the admission cap reach the app and get a fast 503 instead of
-# waiting unseen in the kernel backlog.
-worker_connections = _env_int("SMART_WORKER_CONNECTIONS", 4096)
-if _env_int("SMART_MAX_IN_FLIGHT", 0) >= worker_connections:
-    raise SystemExit("SMART_MAX_IN_FLIGHT must stay below SMART_WORKER_CONNECTIONS")
+# Open client connections one worker accepts: not set here. Each worker works it out
+# at start from its descriptors, with the in-flight ceiling, or takes
+# SMART_WORKER_CONNECTIONS (smart/capacity.py, smart/worker.py).
 # For async workers this is a heartbeat, not a request timeout: a worker whose loop
 # has been blocked this long is killed and replaced.
 timeout = _env_int("SMART_WORKER_HEARTBEAT_S", 30)

@@ -61,7 +61,11 @@ def create_app(
     app.register_error_handler(Exception, _unexpected_error)
     drain_on_sigterm(runtime)
     _tune_garbage_collector()
-    log.info("worker ready", extra={"settings": settings.public()})
+    # The effective figures: ``auto`` settings as this worker worked them out.
+    log.info(
+        "worker ready",
+        extra={"settings": runtime.settings.public(), "capacity": runtime.capacity.public()},
+    )
     return app
 
 

@@ -21,8 +21,15 @@ class ConfigError(ValueError):
     """A setting from the environment is missing its rule; the message names it."""
 
 
-def _setting(default: Any, doc: str, *, minimum: float | None = None) -> Any:
-    return field(default=default, metadata={"doc": doc, "minimum": minimum})
+#: The value of a setting that the worker works out at start (``smart/capacity.py``).
+AUTO = "auto"
+
+
+def _setting(
+    default: Any, doc: str, *, minimum: float | None = None, auto: type | None = None
+) -> Any:
+    """``auto``: the type of a setting whose default (None) is worked out at start."""
+    return field(default=default, metadata={"doc": doc, "minimum": minimum, "auto": auto})
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +68,21 @@ class Settings:
         "fastest answer, ~100 for the production upstream).",
         minimum=0,
     )
-    max_in_flight: int = _setting(
-        256,
-        "Requests to /api/smart one worker serves at once; beyond it a 503 is immediate.",
+    max_in_flight: int | None = _setting(
+        None,
+        "Requests to /api/smart one worker serves at once; beyond it a 503 is immediate "
+        "(auto: what the worker's descriptors and memory afford, see the capacity line "
+        "of its start-up log).",
         minimum=1,
+        auto=int,
+    )
+    worker_connections: int | None = _setting(
+        None,
+        "Client connections one worker accepts; past it they wait in the kernel's listen "
+        "queue. Kept above SMART_MAX_IN_FLIGHT so excess load gets a fast 503 (auto: "
+        "twice the in-flight ceiling, within the descriptors left).",
+        minimum=2,
+        auto=int,
     )
     loop_lag_target_ms: int = _setting(
         10,
@@ -151,12 +169,16 @@ class Settings:
     @property
     def max_upstream_in_flight(self) -> int:
         """Upstream attempts one worker can have open at once: the pool's size."""
+        if self.max_in_flight is None:
+            raise ConfigError("SMART_MAX_IN_FLIGHT is auto: resolve it (smart.capacity) first")
         return self.max_in_flight * self.attempts_per_request
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             minimum = f.metadata["minimum"]
+            if value is None and f.metadata["auto"] is not None:
+                continue
             if minimum is not None and (not math.isfinite(value) or value < minimum):
                 raise ConfigError(f"{env_name(f.name)} must be >= {minimum}, got {value!r}")
         parts = urlsplit(self.upstream_url)
@@ -176,7 +198,11 @@ class Settings:
             raw = environ.get(env_name(f.name))
             if raw is None or raw.strip() == "":
                 continue
-            values[f.name] = _parse(env_name(f.name), raw.strip(), type(f.default))
+            auto = f.metadata["auto"]
+            if auto is not None and raw.strip().lower() == AUTO:
+                continue
+            kind = type(f.default) if auto is None else auto
+            values[f.name] = _parse(env_name(f.name), raw.strip(), kind)
         return cls(**values)
 
     def public(self) -> dict[str, Any]:
@@ -190,7 +216,10 @@ def env_name(field_name: str) -> str:
 
 def describe() -> list[tuple[str, Any, str]]:
     """(variable, default, doc) for every setting: the README's table is this list."""
-    return [(env_name(f.name), f.default, f.metadata["doc"]) for f in dataclasses.fields(Settings)]
+    return [
+        (env_name(f.name), AUTO if f.default is None else f.default, f.metadata["doc"])
+        for f in dataclasses.fields(Settings)
+    ]
 
 
 def _parse(name: str, raw: str, kind: type) -> Any:

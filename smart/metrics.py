@@ -173,6 +173,25 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+        self.in_flight_ceiling = Gauge(
+            "smart_in_flight_ceiling",
+            "Most /api/smart requests live workers may hold at once, summed: what their "
+            "descriptors and memory afford, or SMART_MAX_IN_FLIGHT.",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.worker_connections = Gauge(
+            "smart_worker_connections",
+            "Client connections live workers accept at once, summed.",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.descriptor_limit = Gauge(
+            "smart_descriptor_limit",
+            "The soft RLIMIT_NOFILE live workers run with (raised to the hard one), summed.",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.attempts_in_flight = Gauge(
             "smart_upstream_attempts_in_flight",
             "Upstream calls open now, summed over live workers.",

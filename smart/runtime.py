@@ -6,6 +6,7 @@ patching) and kept in ``app.extensions["smart"]``; never a module global.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import gevent
 from gevent import Greenlet
 from gevent.pool import Pool
 
+from smart import capacity
 from smart.admission import HedgeBudget, InFlightLimiter, LagController
 from smart.config import Settings
 from smart.telemetry import Telemetry
@@ -37,7 +39,8 @@ log = logging.getLogger("smart")
 
 @dataclass(slots=True)
 class Runtime:
-    settings: Settings
+    settings: Settings  # with the capacity's figures in place of any ``auto``
+    capacity: capacity.Capacity
     client: UpstreamClient
     pool: Pool  # every upstream attempt of this worker runs in it; its size is the cap
     limiter: InFlightLimiter
@@ -49,7 +52,17 @@ class Runtime:
 
     @classmethod
     def build(cls, settings: Settings, tracer_provider: TracerProvider | None = None) -> Runtime:
-        """``tracer_provider`` replaces the one the ``OTEL_*`` variables would configure."""
+        """``tracer_provider`` replaces the one the ``OTEL_*`` variables would configure.
+
+        The in-flight ceiling and connection limit are decided here, from what the
+        worker has (``capacity.measure``), unless both are set.
+        """
+        limits = capacity.measure(settings)
+        settings = dataclasses.replace(
+            settings,
+            max_in_flight=limits.max_in_flight,
+            worker_connections=limits.worker_connections,
+        )
         budget = None
         if settings.hedge_budget_ratio > 0:
             budget = HedgeBudget(
@@ -59,14 +72,16 @@ class Runtime:
             )
         runtime = cls(
             settings=settings,
+            capacity=limits,
             client=UpstreamClient(settings),
             pool=Pool(settings.max_upstream_in_flight),
-            limiter=InFlightLimiter(settings.max_in_flight),
+            limiter=InFlightLimiter(limits.max_in_flight),
             budget=budget,
             telemetry=Telemetry.build(settings, tracer_provider),
         )
         runtime.sweeper = gevent.spawn(_housekeeping, runtime.client, runtime.telemetry)
-        runtime.telemetry.limit_changed(settings.max_in_flight)
+        runtime.telemetry.capacity_decided(limits)
+        runtime.telemetry.limit_changed(limits.max_in_flight)
         if settings.loop_lag_target_ms > 0:
             controller = LagController(
                 runtime.limiter, settings.min_in_flight, settings.loop_lag_target_s, LAG_WINDOW_S

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from smart.capacity import Capacity
 from smart.config import Settings
 from smart.hedge import Attempt, HedgeResult
 from smart.metrics import Metrics, build_metrics
@@ -103,6 +104,12 @@ class Telemetry:
     def admitted(self) -> None:
         if self.metrics is not None:
             self.metrics.requests_in_flight.inc()
+
+    def capacity_decided(self, capacity: Capacity) -> None:
+        if self.metrics is not None:
+            self.metrics.in_flight_ceiling.set(capacity.max_in_flight)
+            self.metrics.worker_connections.set(capacity.worker_connections)
+            self.metrics.descriptor_limit.set(capacity.descriptors)
 
     def limit_changed(self, limit: int) -> None:
         if self.metrics is not None:

@@ -19,7 +19,18 @@ _CODES = {400: "bad_request", 403: "forbidden", 414: "uri_too_long", 431: "heade
 
 
 class JsonErrorsGeventWorker(GeventWorker):  # type: ignore[misc]
-    """``-k gevent`` whose own error responses share the app's JSON error shape."""
+    """``-k gevent`` whose own error responses share the app's JSON error shape, and
+    whose accepted-connection limit is the one the app worked out at start."""
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        # gunicorn sizes the accept pool from this attribute in run(), which comes
+        # after the app is built (base.Worker.init_process); the app decided it from
+        # the worker's descriptors (smart/capacity.py).
+        runtime = getattr(self.wsgi, "extensions", {}).get("smart")
+        settings = getattr(runtime, "settings", None)
+        if settings is not None and settings.worker_connections:
+            self.worker_connections = settings.worker_connections
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: Exception) -> None:
         # gunicorn decides the status, logs and writes the access line; only the bytes

@@ -104,6 +104,8 @@ class Gunicorn:
             self.stop()
             raise RuntimeError(f"gunicorn did not start listening:\n{self.logs()}")
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:  # a worker failed to boot: the master halts
+                raise RuntimeError(f"gunicorn exited at start:\n{self.logs()}")
             # Every worker has built its app (one "worker ready" line each), not just
             # the one that happened to answer the health check.
             ready = sum('"msg": "worker ready"' in line for line in list(self.stdout))

@@ -8,10 +8,8 @@ reads real time, with margins far wider than any scheduling stall.
 from __future__ import annotations
 
 import itertools
-import runpy
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import gevent
 import pytest
@@ -20,7 +18,7 @@ from gevent.pool import Pool
 
 from smart.admission import HedgeBudget, InFlightLimiter, LagController
 from smart.app import create_app
-from smart.config import Settings
+from smart.config import ConfigError, Settings
 from smart.hedge import AllAttemptsFailed, DeadlineExceeded, HedgeResult, hedge
 from smart.outcome import Kind, Outcome
 from smart.runtime import Runtime
@@ -28,7 +26,6 @@ from tests.support import wait_until
 
 #: A bound on waiting for something that should happen at once.
 PROMPTLY_S = 1.0
-GUNICORN_CONF = Path(__file__).resolve().parent.parent / "gunicorn.conf.py"
 
 
 # --- the in-flight cap ---------------------------------------------------------------
@@ -102,22 +99,27 @@ def test_the_attempt_pool_holds_every_attempt_the_admitted_requests_can_start() 
         runtime.close()
 
 
-@pytest.mark.parametrize("cap", ["4096", "5000"])
-def test_gunicorn_will_not_start_with_the_cap_at_or_above_its_connection_limit(
-    monkeypatch: pytest.MonkeyPatch, cap: str
+@pytest.mark.parametrize("cap", [4096, 5000])
+def test_a_worker_will_not_start_with_the_cap_at_or_above_its_connection_limit(
+    cap: int,
 ) -> None:
     # Requests past the cap must reach the app to get their 503; past gunicorn's
     # worker_connections they wait unseen in the kernel's backlog instead.
-    monkeypatch.setenv("SMART_WORKER_CONNECTIONS", "4096")
-    monkeypatch.setenv("SMART_MAX_IN_FLIGHT", cap)
-    with pytest.raises(SystemExit, match="SMART_MAX_IN_FLIGHT"):
-        runpy.run_path(str(GUNICORN_CONF))
+    settings = Settings(
+        upstream_url="http://127.0.0.1:9/api/work", max_in_flight=cap, worker_connections=4096
+    )
+    with pytest.raises(ConfigError, match="SMART_MAX_IN_FLIGHT must stay below"):
+        Runtime.build(settings)
 
 
-def test_gunicorn_starts_with_the_default_cap(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("SMART_WORKER_CONNECTIONS", raising=False)
-    monkeypatch.delenv("SMART_MAX_IN_FLIGHT", raising=False)
-    assert runpy.run_path(str(GUNICORN_CONF))["worker_connections"] > Settings().max_in_flight
+def test_a_worker_accepts_more_connections_than_it_admits_by_default() -> None:
+    runtime = Runtime.build(Settings(upstream_url="http://127.0.0.1:9/api/work"))
+    try:
+        settings = runtime.settings
+        assert settings.max_in_flight is not None and settings.worker_connections is not None
+        assert settings.worker_connections > settings.max_in_flight
+    finally:
+        runtime.close()
 
 
 # --- the in-flight limit follows the event loop's lag -----------------------------------

@@ -1,0 +1,121 @@
+"""The in-flight ceiling and connection limit follow the worker's descriptors and memory."""
+
+from __future__ import annotations
+
+import resource
+
+import pytest
+
+from smart import capacity
+from smart.capacity import (
+    BYTES_PER_IN_FLIGHT,
+    CONNECTIONS_PER_IN_FLIGHT,
+    MEMORY_SHARE,
+    RESERVED_DESCRIPTORS,
+    plan,
+)
+from smart.config import AUTO, ConfigError, Settings, describe
+
+#: Hedged to 3 attempts, the default.
+ATTEMPTS = 3
+
+
+def descriptors_needed(c: capacity.Capacity, attempts: int = ATTEMPTS) -> int:
+    """Every accepted connection, plus the upstream sockets of every admitted request."""
+    return c.worker_connections + attempts * c.max_in_flight
+
+
+@pytest.mark.parametrize("limit", [256, 1024, 20_000, 1_048_576])
+def test_the_auto_limits_never_need_more_descriptors_than_the_worker_has(limit: int) -> None:
+    c = plan(descriptors=limit, descriptors_at_start=40, attempts_per_request=ATTEMPTS)
+    assert c.bound_by == "descriptors"
+    assert descriptors_needed(c) <= limit - 40 - RESERVED_DESCRIPTORS
+    assert c.max_in_flight < c.worker_connections
+
+
+def test_the_auto_limits_use_the_descriptors_there_are() -> None:
+    c = plan(descriptors=1024, descriptors_at_start=40, attempts_per_request=ATTEMPTS)
+    budget = 1024 - 40 - RESERVED_DESCRIPTORS
+    # Within one request's worth of descriptors of the budget, none wasted.
+    assert budget - descriptors_needed(c) < CONNECTIONS_PER_IN_FLIGHT + ATTEMPTS
+    assert c.worker_connections == CONNECTIONS_PER_IN_FLIGHT * c.max_in_flight
+
+
+def test_more_hedges_mean_fewer_requests_in_flight() -> None:
+    unhedged = plan(descriptors=20_000, descriptors_at_start=40, attempts_per_request=1)
+    hedged = plan(descriptors=20_000, descriptors_at_start=40, attempts_per_request=ATTEMPTS)
+    assert hedged.max_in_flight < unhedged.max_in_flight
+
+
+def test_memory_bounds_the_ceiling_when_it_runs_out_first() -> None:
+    memory = 100 * 1024 * 1024
+    c = plan(
+        descriptors=1_048_576,
+        descriptors_at_start=40,
+        attempts_per_request=ATTEMPTS,
+        memory_bytes=memory,
+        workers=2,
+    )
+    assert c.bound_by == "memory"
+    assert c.max_in_flight == int(memory * MEMORY_SHARE / 2 / BYTES_PER_IN_FLIGHT)
+
+
+def test_an_operators_cap_is_kept_and_the_connection_limit_follows_it() -> None:
+    c = plan(
+        descriptors=20_000,
+        descriptors_at_start=40,
+        attempts_per_request=ATTEMPTS,
+        max_in_flight=100,
+    )
+    assert (c.max_in_flight, c.bound_by) == (100, "SMART_MAX_IN_FLIGHT")
+    assert c.worker_connections == CONNECTIONS_PER_IN_FLIGHT * 100
+
+
+def test_an_operators_connection_limit_bounds_the_auto_cap() -> None:
+    c = plan(
+        descriptors=20_000,
+        descriptors_at_start=40,
+        attempts_per_request=ATTEMPTS,
+        worker_connections=300,
+    )
+    assert (c.worker_connections, c.max_in_flight) == (300, 299)
+
+
+def test_a_cap_at_the_connection_limit_is_refused_with_both_names() -> None:
+    with pytest.raises(ConfigError, match="SMART_MAX_IN_FLIGHT must stay below SMART_WORKER_"):
+        plan(
+            descriptors=20_000,
+            descriptors_at_start=40,
+            attempts_per_request=ATTEMPTS,
+            max_in_flight=300,
+            worker_connections=300,
+        )
+
+
+def test_auto_is_the_default_and_can_be_asked_for_by_name() -> None:
+    defaults = {name: default for name, default, _ in describe()}
+    assert defaults["SMART_MAX_IN_FLIGHT"] == AUTO
+    assert defaults["SMART_WORKER_CONNECTIONS"] == AUTO
+    assert Settings.from_env({"SMART_MAX_IN_FLIGHT": "auto"}).max_in_flight is None
+    assert Settings.from_env({"SMART_MAX_IN_FLIGHT": "300"}).max_in_flight == 300
+    with pytest.raises(ConfigError, match="SMART_WORKER_CONNECTIONS"):
+        Settings.from_env({"SMART_WORKER_CONNECTIONS": "1"})
+
+
+def test_the_soft_descriptor_limit_is_raised_to_the_hard_one() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        lowered = min(soft, hard, 512)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+        raised = capacity.raise_descriptor_limit()
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == raised
+        assert raised == (capacity.UNLIMITED_NOFILE if hard == resource.RLIM_INFINITY else hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_worker_measures_what_it_has() -> None:
+    c = capacity.measure(Settings(upstream_url="http://127.0.0.1:9/api/work"))
+    assert c.descriptors == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert 0 < c.descriptors_at_start < c.descriptors
+    assert descriptors_needed(c) <= c.descriptors
