@@ -192,6 +192,15 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+        self.descriptors_exhausted = Labelled(
+            Counter(
+                "smart_descriptors_exhausted",
+                "accept() of a client or connect() to the upstream that failed for lack of "
+                "file descriptors (EMFILE, ENFILE), by where.",
+                ["where"],
+                registry=r,
+            )
+        )
         self.attempts_in_flight = Gauge(
             "smart_upstream_attempts_in_flight",
             "Upstream calls open now, summed over live workers.",
@@ -215,6 +224,8 @@ class Metrics:
         for trigger in HEDGE_TRIGGERS:
             self.hedges(trigger)
         self.rejected("overloaded")
+        for where in ("accept", "connect"):
+            self.descriptors_exhausted(where)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format of every worker's metrics (or this app's), and its type."""

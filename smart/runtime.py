@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,7 @@ import gevent
 from gevent import Greenlet
 from gevent.pool import Pool
 
-from smart import capacity
+from smart import capacity, exhaustion
 from smart.admission import HedgeBudget, InFlightLimiter, LagController
 from smart.config import Settings
 from smart.telemetry import Telemetry
@@ -49,6 +50,7 @@ class Runtime:
     draining: bool = field(default=False)
     sweeper: Greenlet | None = field(default=None)
     lag_watch: Greenlet | None = field(default=None)
+    unguard_accept: Callable[[], None] | None = field(default=None)
 
     @classmethod
     def build(cls, settings: Settings, tracer_provider: TracerProvider | None = None) -> Runtime:
@@ -80,6 +82,9 @@ class Runtime:
             telemetry=Telemetry.build(settings, tracer_provider),
         )
         runtime.sweeper = gevent.spawn(_housekeeping, runtime.client, runtime.telemetry)
+        runtime.unguard_accept = exhaustion.guard_accept(
+            gevent.get_hub(), runtime.telemetry.descriptors_exhausted
+        )
         runtime.telemetry.capacity_decided(limits)
         runtime.telemetry.limit_changed(limits.max_in_flight)
         if settings.loop_lag_target_ms > 0:
@@ -93,6 +98,8 @@ class Runtime:
         for greenlet in (self.sweeper, self.lag_watch):
             if greenlet is not None:
                 greenlet.kill(block=True, timeout=1)
+        if self.unguard_accept is not None:
+            self.unguard_accept()
         self.pool.kill(block=True, timeout=1)
         self.client.close()
         self.telemetry.close()

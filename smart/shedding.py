@@ -9,6 +9,8 @@ once) and gives it back when the app has answered.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -21,6 +23,12 @@ from smart.params import request_id_from
 from smart.telemetry import REQUEST_LOGGED, Telemetry
 
 SMART_PATH = "/api/smart"
+#: Set in the environ by the worker (``smart/worker.py``) while nearly all the client
+#: connections it accepts are open: a refused connection is then closed at once, not
+#: paused, so that its slot goes to a connection waiting in the kernel's listen queue
+#: (a new client, a health check) instead of to the same client's next retry, which
+#: now waits its turn in that queue.
+CONNECTIONS_CROWDED = "smart.connections_crowded"
 _ADMITTED_METHODS = frozenset({"GET", "HEAD"})  # others get Flask's 405, no slot needed
 
 StartResponse = Callable[..., Any]
@@ -84,6 +92,9 @@ class Shedder:
         telemetry = self.telemetry
         telemetry.refused(request_id, elapsed, environ.get("REMOTE_ADDR"))
         environ[REQUEST_LOGGED] = telemetry.log_requests
+        if environ.get(CONNECTIONS_CROWDED):
+            client = environ.get("gunicorn.socket")
+            return PausedAnswer(body, 0.0, 0.0, self.limiter.full, hang_up=lambda: _hang_up(client))
         if self.pause_s > 0:
             return PausedAnswer(body, self.pause_s, self.pause_max_s, self.limiter.full)
         return [body]
@@ -102,6 +113,9 @@ class PausedAnswer:
     says the worker would refuse the retry too, up to ``max_s`` in all: under a
     sustained closed-loop flood each connection costs one refusal per ``max_s``
     instead of one per ``pause_s``.
+
+    ``hang_up``, when given, ends the connection after the pause: the server then
+    reads EOF instead of the client's next request and closes it.
     """
 
     def __init__(
@@ -111,20 +125,33 @@ class PausedAnswer:
         max_s: float,
         still_full: Callable[[], bool],
         sleep: Callable[[float], object] = gevent.sleep,
+        hang_up: Callable[[], None] | None = None,
     ) -> None:
         self.body = body
         self.pause_s = pause_s
         self.max_s = max_s
         self.still_full = still_full
         self._sleep = sleep
+        self.hang_up = hang_up
 
     def __iter__(self) -> Iterator[bytes]:
         yield self.body
 
     def close(self) -> None:
         pause_s = held_s = self.pause_s
-        self._sleep(pause_s)
+        if pause_s > 0:
+            self._sleep(pause_s)
         while held_s < self.max_s and self.still_full():
             step = min(pause_s, self.max_s - held_s)
             self._sleep(step)
             held_s += step
+        if self.hang_up is not None:
+            self.hang_up()
+
+
+def _hang_up(client: Any) -> None:
+    """Shut the client connection down; the server's next read sees EOF."""
+    if client is None:
+        return
+    with contextlib.suppress(OSError):  # the client may have gone already
+        client.shutdown(socket.SHUT_RDWR)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from smart.capacity import Capacity
 from smart.config import Settings
+from smart.exhaustion import ExhaustionLog, connect_exhausted
 from smart.hedge import Attempt, HedgeResult
 from smart.metrics import Metrics, build_metrics
 from smart.outcome import Kind, Outcome
@@ -70,6 +71,7 @@ class Telemetry:
         self.metrics = metrics
         self.tracing = tracing
         self.refusal_log = RefusalLog() if log_requests else None
+        self.exhaustion_log = ExhaustionLog()
 
     @classmethod
     def build(cls, settings: Settings, tracer_provider: TracerProvider | None = None) -> Telemetry:
@@ -156,6 +158,10 @@ class Telemetry:
     def request_finished(self, record: RequestRecord) -> None:
         if self.metrics is not None:
             record_metrics(self.metrics, record)
+        if record.result is not None:
+            for outcome in record.result.outcomes:
+                if connect_exhausted(outcome):
+                    self.descriptors_exhausted("connect")
         if record.span is not None:
             record.span.finish(record.status, record.outcome, record.timeout_ms, record.result)
         if self.log_requests:
@@ -171,10 +177,18 @@ class Telemetry:
         if self.refusal_log is not None:
             self.refusal_log.refused(request_id, elapsed_s, remote_addr)
 
+    def descriptors_exhausted(self, where: str) -> None:
+        """``accept`` or an upstream ``connect`` failed for lack of descriptors."""
+        if self.metrics is not None:
+            self.metrics.descriptors_exhausted(where).inc()
+        self.exhaustion_log.failed(where)
+
     def tick(self) -> None:
-        """Called every few seconds: log what is owed (refusals not logged one by one)."""
+        """Called every few seconds: log what is owed (refusals not logged one by one,
+        descriptor failures since the last line)."""
         if self.refusal_log is not None:
             self.refusal_log.flush()
+        self.exhaustion_log.flush()
 
     def request_crashed(self) -> None:
         """A bug ended an /api/smart request in a 500 (its traceback is logged apart)."""

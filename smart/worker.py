@@ -15,12 +15,21 @@ from typing import Any
 
 from gunicorn.workers.ggevent import GeventWorker
 
+#: smart.shedding.CONNECTIONS_CROWDED (this module imports nothing of the app).
+CONNECTIONS_CROWDED = "smart.connections_crowded"
+#: Share of ``worker_connections`` kept for connections still in the listen queue:
+#: past the rest, refused connections are closed after their pause (shedding.py).
+CROWDED_HEADROOM = 0.1
+
 _CODES = {400: "bad_request", 403: "forbidden", 414: "uri_too_long", 431: "headers_too_large"}
 
 
 class JsonErrorsGeventWorker(GeventWorker):  # type: ignore[misc]
     """``-k gevent`` whose own error responses share the app's JSON error shape, and
     whose accepted-connection limit is the one the app worked out at start."""
+
+    wsgi: Any
+    open_connections = 0
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
@@ -31,6 +40,24 @@ class JsonErrorsGeventWorker(GeventWorker):  # type: ignore[misc]
         settings = getattr(runtime, "settings", None)
         if settings is not None and settings.worker_connections:
             self.worker_connections = settings.worker_connections
+        crowded_at = self.worker_connections - max(
+            1, int(self.worker_connections * CROWDED_HEADROOM)
+        )
+        app = self.wsgi
+
+        def wsgi(environ: dict[str, Any], start_response: Any) -> Any:
+            if self.open_connections >= crowded_at:
+                environ[CONNECTIONS_CROWDED] = True
+            return app(environ, start_response)
+
+        self.wsgi = wsgi
+
+    def handle(self, listener: Any, client: Any, addr: Any) -> None:
+        self.open_connections += 1
+        try:
+            super().handle(listener, client, addr)
+        finally:
+            self.open_connections -= 1
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: Exception) -> None:
         # gunicorn decides the status, logs and writes the access line; only the bytes

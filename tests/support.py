@@ -42,7 +42,10 @@ class Gunicorn:
         workers: int = 2,
         extra_args: str = "",
         tmp_path: Path | None = None,
+        nofile: int | None = None,
     ) -> None:
+        """``nofile``: start gunicorn under ``ulimit -n nofile`` (soft and hard), the
+        descriptor limit its workers then inherit."""
         self.env = {
             **os.environ,
             "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:0 --workers {workers} {extra_args}".strip(),
@@ -56,6 +59,7 @@ class Gunicorn:
         if tmp_path is not None:
             self.env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
         self.workers = workers
+        self.nofile = nofile
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
         self.stdout: list[str] = []
@@ -79,8 +83,11 @@ class Gunicorn:
         self.stop()
 
     def start(self) -> None:
+        argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
+        if self.nofile is not None:
+            argv = ["sh", "-c", f'ulimit -n {self.nofile} && exec "$@"', "sh", *argv]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+            argv,
             cwd=ROOT,
             env=self.env,
             stdout=subprocess.PIPE,

@@ -15,6 +15,7 @@ from smart.capacity import (
     plan,
 )
 from smart.config import AUTO, ConfigError, Settings, describe
+from smart.exhaustion import LOG_INTERVAL_S, ExhaustionLog
 
 #: Hedged to 3 attempts, the default.
 ATTEMPTS = 3
@@ -119,3 +120,21 @@ def test_the_worker_measures_what_it_has() -> None:
     assert c.descriptors == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     assert 0 < c.descriptors_at_start < c.descriptors
     assert descriptors_needed(c) <= c.descriptors
+
+
+def test_descriptor_failures_are_logged_at_once_then_once_an_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [100.0]
+    alarm = ExhaustionLog(clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="smart"):
+        for _ in range(50):
+            alarm.failed("accept")
+        alarm.failed("connect")
+        now[0] += LOG_INTERVAL_S / 2
+        alarm.flush()
+        now[0] += LOG_INTERVAL_S / 2
+        alarm.flush()
+        alarm.flush()
+    counts = [r.failures for r in caplog.records]  # type: ignore[attr-defined]
+    assert counts == [{"accept": 1}, {"accept": 49, "connect": 1}]
