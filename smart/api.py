@@ -8,6 +8,7 @@ from functools import partial
 from flask import Blueprint, Response, current_app, request
 
 from smart import errors
+from smart.disconnect import ClientWatch
 from smart.errors import ApiError
 from smart.hedge import HedgeError, HedgeResult, hedge
 from smart.params import InvalidTimeout, parse_timeout_ms, request_id_from
@@ -38,17 +39,20 @@ def smart() -> Response:
         # With a deadline the hedger kills the attempts; without one each is bounded.
         limit_s = None if timeout_ms is not None else settings.attempt_timeout_s
         fetch = partial(runtime.client.fetch_once, request_id=request_id, limit_s=limit_s)
-        result = hedge(
-            runtime.telemetry.instrument(fetch, span),
-            pool=runtime.pool,
-            hedge_delay_s=settings.hedge_delay_s,
-            fanout=settings.hedge_fanout,
-            deadline_s=None if timeout_ms is None else timeout_ms / 1000,
-            permit=None if runtime.budget is None else runtime.budget.permit,
-            t0=t0,
-            min_attempt_s=settings.min_attempt_s,
-            held_by_worker=runtime.client.held_by_worker,
-        )
+        # A client that hangs up cancels its attempts (Envoy, Go's request context).
+        with ClientWatch(request.environ.get("gunicorn.socket")) as client:
+            result = hedge(
+                runtime.telemetry.instrument(fetch, span),
+                pool=runtime.pool,
+                hedge_delay_s=settings.hedge_delay_s,
+                fanout=settings.hedge_fanout,
+                deadline_s=None if timeout_ms is None else timeout_ms / 1000,
+                permit=None if runtime.budget is None else runtime.budget.permit,
+                t0=t0,
+                min_attempt_s=settings.min_attempt_s,
+                held_by_worker=runtime.client.held_by_worker,
+                cancel=client.gone,
+            )
     except HedgeError as exc:
         limit_ms = timeout_ms if timeout_ms is not None else settings.attempt_timeout_ms
         error = errors.from_hedge_error(exc, timeout_ms, limit_ms)

@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from smart.hedge import AllAttemptsFailed, DeadlineExceeded, HedgeError
+from smart.hedge import AllAttemptsFailed, Cancelled, DeadlineExceeded, HedgeError
 from smart.outcome import Kind, Outcome
 
 
@@ -54,12 +54,22 @@ def internal_error() -> ApiError:
 
 
 def from_hedge_error(exc: HedgeError, timeout_ms: int | None, attempt_limit_ms: int) -> ApiError:
-    """502 when every attempt failed, 504 when time ran out first.
+    """502 when every attempt failed, 504 when time ran out first, 499 when the client
+    left first.
 
     All attempts failing *by timing out* is a 504 too: as with any gateway, the
     upstream did not answer in time, which is different from answering badly.
     """
     outcomes = exc.result.outcomes
+    if isinstance(exc, Cancelled):
+        # nginx's 499: no client is left to read it; it is the status of the log line
+        # and the metrics, so that work given up on is told from work that failed.
+        return ApiError(
+            499,
+            "client_closed",
+            "the client closed its connection before the answer was decided",
+            outcomes,
+        )
     if isinstance(exc, DeadlineExceeded) and not outcomes:
         return ApiError(
             504,

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import gevent
 from gevent import Greenlet
+from gevent.event import Event
 
 from smart.outcome import Kind, Outcome
 
@@ -86,6 +87,14 @@ class AllAttemptsFailed(HedgeError):
     """Every attempt that could be started has failed."""
 
 
+class Cancelled(HedgeError):
+    """The caller gave up on the request (its client left) before it was decided."""
+
+
+class _CancelSet(Exception):
+    """Raised inside ``_Run`` when the ``cancel`` event is set."""
+
+
 def hedge(
     attempt: Attempt,
     *,
@@ -97,6 +106,7 @@ def hedge(
     t0: float | None = None,
     min_attempt_s: float = 0.0,
     held_by_worker: HeldByWorker | None = None,
+    cancel: Event | None = None,
 ) -> HedgeResult:
     """Run attempt 1 now and ``fanout`` more at the hedge delay or at its failure.
 
@@ -114,6 +124,9 @@ def hedge(
     worker (``held_by_worker``: say, its answer has arrived unread), the hedges wait
     for the worker to catch up. A busy worker reads answers late; hedging them would
     multiply its load for nothing.
+
+    When ``cancel`` is set before the request is decided, the attempts are killed at
+    once and ``Cancelled`` is raised.
     """
     run = _Run(attempt, pool, time.monotonic() if t0 is None else t0, deadline_s, min_attempt_s)
     deadline = gevent.Timeout(None if deadline_s is None else max(0.0, deadline_s - run.now()))
@@ -124,9 +137,11 @@ def hedge(
         if run.too_late():
             failure = DeadlineExceeded
         else:
-            winner = run.until_decided(hedge_delay_s, fanout, permit, held_by_worker)
+            winner = run.until_decided(hedge_delay_s, fanout, permit, held_by_worker, cancel)
             if winner is None:
                 failure = AllAttemptsFailed
+    except _CancelSet:
+        failure = Cancelled
     except gevent.Timeout as expired:
         if expired is not deadline:
             raise
@@ -213,8 +228,12 @@ class _Run:
         fanout: int,
         permit: Permit | None,
         held_by_worker: HeldByWorker | None,
+        cancel: Event | None = None,
     ) -> Outcome | None:
-        """Wait for attempts until one succeeds (returned) or all failed (None)."""
+        """Wait for attempts until one succeeds (returned) or all failed (None);
+        ``_CancelSet`` once ``cancel`` is set."""
+        if cancel is not None and cancel.is_set():
+            raise _CancelSet
         self.start(1)
         first = next(iter(self.running))
         hedged = fanout == 0
@@ -226,7 +245,12 @@ class _Run:
                     self.fire(Trigger.DELAY, fanout, permit)
                     hedged = True
                     timeout = None
-            ready = gevent.wait(list(self.running), timeout=timeout, count=1)
+            waited: list[Any] = list(self.running)
+            if cancel is not None:
+                waited.append(cancel)
+            ready = gevent.wait(waited, timeout=timeout, count=1)
+            if cancel is not None and cancel.is_set():
+                raise _CancelSet
             if not ready:
                 continue  # time to look at the hedge delay again
             outcome = self.finish(ready[0])

@@ -52,6 +52,7 @@ ATTEMPT_OUTCOMES = (
 REQUEST_OUTCOMES = (
     ("200", "success"),
     ("400", "invalid_timeout"),
+    ("499", "client_closed"),
     ("500", "internal_error"),
     ("502", "upstream_failed"),
     ("503", "overloaded"),
