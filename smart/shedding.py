@@ -13,9 +13,11 @@ import contextlib
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any
 
 import gevent
+from gevent.socket import wait_read
 
 from smart import errors
 from smart.admission import InFlightLimiter
@@ -96,8 +98,20 @@ class Shedder:
             client = environ.get("gunicorn.socket")
             return PausedAnswer(body, 0.0, 0.0, self.limiter.full, hang_up=lambda: _hang_up(client))
         if self.pause_s > 0:
-            return PausedAnswer(body, self.pause_s, self.pause_max_s, self.limiter.full)
+            client = environ.get("gunicorn.socket")
+            watch = None if client is None else partial(_next_bytes, client)
+            return PausedAnswer(
+                body, self.pause_s, self.pause_max_s, self.limiter.full, next_bytes=watch
+            )
         return [body]
+
+
+#: What ``PausedAnswer.next_bytes`` saw of the connection after a refusal.
+RETRIED, QUIET, GONE = "retried", "quiet", "gone"
+#: A retry that arrives within this share of the pause came at once, ignoring
+#: ``Retry-After`` (wrk's retry comes within a millisecond); one that honours it comes
+#: after the whole pause, which is ``Retry-After`` by default.
+EARLY_SHARE = 0.5
 
 
 class PausedAnswer:
@@ -114,6 +128,12 @@ class PausedAnswer:
     sustained closed-loop flood each connection costs one refusal per ``max_s``
     instead of one per ``pause_s``.
 
+    Only a client that retried at once is paced. With ``next_bytes`` (wait up to the
+    given seconds for the connection's next bytes; ``RETRIED``, ``QUIET`` or
+    ``GONE``), the pause first watches the connection for ``EARLY_SHARE`` of
+    ``pause_s``: if nothing came, the client is honouring ``Retry-After`` (or is idle),
+    and its retry is read the moment it comes, not at the end of a longer pause.
+
     ``hang_up``, when given, ends the connection after the pause: the server then
     reads EOF instead of the client's next request and closes it.
     """
@@ -126,6 +146,8 @@ class PausedAnswer:
         still_full: Callable[[], bool],
         sleep: Callable[[float], object] = gevent.sleep,
         hang_up: Callable[[], None] | None = None,
+        next_bytes: Callable[[float], str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.body = body
         self.pause_s = pause_s
@@ -133,13 +155,20 @@ class PausedAnswer:
         self.still_full = still_full
         self._sleep = sleep
         self.hang_up = hang_up
+        self.next_bytes = next_bytes
+        self._clock = clock
 
     def __iter__(self) -> Iterator[bytes]:
         yield self.body
 
     def close(self) -> None:
         pause_s = held_s = self.pause_s
-        if pause_s > 0:
+        if pause_s > 0 and self.next_bytes is not None:
+            started = self._clock()
+            if self.next_bytes(pause_s * EARLY_SHARE) != RETRIED:
+                return
+            self._sleep(max(0.0, pause_s - (self._clock() - started)))
+        elif pause_s > 0:
             self._sleep(pause_s)
         while held_s < self.max_s and self.still_full():
             step = min(pause_s, self.max_s - held_s)
@@ -147,6 +176,24 @@ class PausedAnswer:
             held_s += step
         if self.hang_up is not None:
             self.hang_up()
+
+
+def _next_bytes(client: Any, within_s: float) -> str:
+    """Wait up to ``within_s`` for ``client`` to turn readable; what it then holds."""
+    try:
+        wait_read(client.fileno(), timeout=within_s)
+    except TimeoutError:
+        return QUIET
+    except OSError:
+        return GONE
+    raw = getattr(client, "_sock", client)  # peek without gevent's wait for data
+    try:
+        data = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return QUIET
+    except OSError:
+        return GONE
+    return RETRIED if data else GONE
 
 
 def _hang_up(client: Any) -> None:
