@@ -64,6 +64,12 @@ class LagController:
     - Below half the target and requests were refused: the limit was what bound, and
       it grows by ``INCREASE`` of itself (at least 1), never above ``ceiling``.
     - Otherwise it stays.
+
+    With ``cpu_clock`` (this process's CPU time, ``time.process_time``), a window's lag
+    lowers the limit only if the worker itself kept its core at least ``busy_share``
+    busy over the window: lag while the worker is mostly idle is another process
+    taking the core (a neighbour, a noisy host), which refusing requests would not
+    shorten, only turn into 503s. Without it, every late window counts.
     """
 
     DECREASE = 0.9
@@ -76,6 +82,8 @@ class LagController:
         target_s: float,
         window_s: float,
         clock: Callable[[], float] = time.monotonic,
+        cpu_clock: Callable[[], float] | None = None,
+        busy_share: float = 0.8,
     ) -> None:
         self.limiter = limiter
         self.ceiling = limiter.limit
@@ -83,7 +91,11 @@ class LagController:
         self.target_s = target_s
         self.window_s = window_s
         self._clock = clock
-        self._window_end = clock() + window_s
+        self._cpu_clock = cpu_clock
+        self.busy_share = busy_share
+        self._window_start = clock()
+        self._window_end = self._window_start + window_s
+        self._cpu_start = 0.0 if cpu_clock is None else cpu_clock()
         self._lags: list[float] = []
 
     def observe(self, lag_s: float) -> None:
@@ -93,17 +105,22 @@ class LagController:
         now = self._clock()
         if now < self._window_end:
             return
-        self._window_end = now + self.window_s
+        busy = True
+        if self._cpu_clock is not None:
+            cpu = self._cpu_clock()
+            busy = cpu - self._cpu_start >= self.busy_share * (now - self._window_start)
+            self._cpu_start = cpu
+        self._window_start, self._window_end = now, now + self.window_s
         lags.sort()
-        self._decide(lags[len(lags) // 2])
+        self._decide(lags[len(lags) // 2], busy)
         lags.clear()
 
-    def _decide(self, lag_s: float) -> None:
+    def _decide(self, lag_s: float, busy: bool = True) -> None:
         limiter = self.limiter
         used, refused = max(limiter.peak, limiter.in_flight), limiter.refused
         limiter.peak, limiter.refused = limiter.in_flight, 0
         limit = limiter.limit
-        if lag_s > self.target_s:
+        if lag_s > self.target_s and busy:
             limit = max(self.floor, min(limit, int(used * self.DECREASE)))
         elif refused and lag_s < self.target_s / 2:
             limit = min(self.ceiling, limit + max(1, int(limit * self.INCREASE)))

@@ -92,6 +92,14 @@ class Settings:
         "limit stays at SMART_MAX_IN_FLIGHT).",
         minimum=0,
     )
+    loop_lag_busy_share: float = _setting(
+        0.8,
+        "Blame a late event loop on the worker's own load, and lower the in-flight limit, "
+        "only while the worker used at least this share of its core over the window: "
+        "lag while it idles is another process taking the core, which refusing would "
+        "not cure (0 = every late window counts).",
+        minimum=0,
+    )
     min_in_flight: int = _setting(
         16,
         "The in-flight limit never goes below this, however late the event loop runs.",

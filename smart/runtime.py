@@ -89,7 +89,12 @@ class Runtime:
         runtime.telemetry.limit_changed(limits.max_in_flight)
         if settings.loop_lag_target_ms > 0:
             controller = LagController(
-                runtime.limiter, settings.min_in_flight, settings.loop_lag_target_s, LAG_WINDOW_S
+                runtime.limiter,
+                settings.min_in_flight,
+                settings.loop_lag_target_s,
+                LAG_WINDOW_S,
+                cpu_clock=time.process_time,
+                busy_share=settings.loop_lag_busy_share,
             )
             runtime.lag_watch = gevent.spawn(_watch_lag, controller, runtime.telemetry)
         return runtime

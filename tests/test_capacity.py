@@ -7,6 +7,7 @@ import resource
 import pytest
 
 from smart import capacity
+from smart.admission import InFlightLimiter, LagController
 from smart.capacity import (
     BYTES_PER_IN_FLIGHT,
     CONNECTIONS_PER_IN_FLIGHT,
@@ -138,3 +139,28 @@ def test_descriptor_failures_are_logged_at_once_then_once_an_interval(
         alarm.flush()
     counts = [r.failures for r in caplog.records]  # type: ignore[attr-defined]
     assert counts == [{"accept": 1}, {"accept": 49, "connect": 1}]
+
+
+# --- the lag limit blames the worker only when it is busy itself ----------------------
+
+#: A target of 20 ms decided every 100 ms, as in test_admission.
+LAG_TARGET_S, LAG_WINDOW_S = 0.020, 0.100
+
+
+@pytest.mark.parametrize(("cpu_share", "limit"), [(0.9, 45), (0.2, 256)])
+def test_a_late_loop_lowers_the_limit_only_while_the_worker_keeps_its_core_busy(
+    cpu_share: float, limit: int
+) -> None:
+    wall, cpu = [0.0], [0.0]
+    limiter = InFlightLimiter(256)
+    controller = LagController(
+        limiter, 4, LAG_TARGET_S, LAG_WINDOW_S, lambda: wall[0], cpu_clock=lambda: cpu[0]
+    )
+    for _ in range(50):
+        limiter.try_acquire()
+    for _ in range(5):  # one window of late wake-ups
+        wall[0] += LAG_WINDOW_S * 1.001 / 5
+        cpu[0] += LAG_WINDOW_S * 1.001 / 5 * cpu_share
+        controller.observe(0.05)
+    # Busy: 90% of the 50 in flight. Idle: another process had the core; no change.
+    assert limiter.limit == limit

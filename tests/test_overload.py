@@ -191,6 +191,8 @@ def test_a_worker_whose_event_loop_lags_refuses_below_its_cap_by_default(
         "SMART_MAX_IN_FLIGHT": str(LAG_CAP),
         "SMART_MIN_IN_FLIGHT": "1",
         "SMART_LOOP_LAG_TARGET_MS": "",  # unset: the default, which the harness pins off
+        # A stopped process uses no CPU: by default its lag is blamed on someone else.
+        "SMART_LOOP_LAG_BUSY_SHARE": "0",
     }
     simulator.by_attempt({str(n): {"kind": "hang"} for n in (1, 2, 3)})
     with Gunicorn(env, workers=1, tmp_path=tmp_path) as server:
