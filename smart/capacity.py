@@ -62,7 +62,8 @@ def plan(
     upstream ones (the upstream pool keeps no more idle connections than that in
     all); every other accepted connection holds one. So ``worker_connections +
     attempts_per_request * max_in_flight`` descriptors must stay free. Either figure
-    may be given (an operator's override); the other follows. The in-flight ceiling is
+    may be given (an operator's override); the other follows (an operator's cap leaves
+    every other descriptor to connections). The in-flight ceiling is
     also held to this worker's share of ``memory_bytes`` when it is known.
     """
     budget = max(2, descriptors - descriptors_at_start - RESERVED_DESCRIPTORS)
@@ -82,9 +83,14 @@ def plan(
         max_in_flight = max(1, ceiling)
     if worker_connections is None:
         spare = budget - attempts_per_request * max_in_flight
-        worker_connections = max(
-            max_in_flight + 1, min(max_in_flight * CONNECTIONS_PER_IN_FLIGHT, spare)
-        )
+        if bound_by == "SMART_MAX_IN_FLIGHT":
+            # An operator's cap leaves the rest of the descriptors to connections:
+            # refused ones must reach the app to get their 503 and their pause.
+            worker_connections = max(max_in_flight + 1, spare)
+        else:
+            worker_connections = max(
+                max_in_flight + 1, min(max_in_flight * CONNECTIONS_PER_IN_FLIGHT, spare)
+            )
     if max_in_flight >= worker_connections:
         raise ConfigError(
             "SMART_MAX_IN_FLIGHT must stay below SMART_WORKER_CONNECTIONS "

@@ -62,7 +62,7 @@ def test_memory_bounds_the_ceiling_when_it_runs_out_first() -> None:
     assert c.max_in_flight == int(memory * MEMORY_SHARE / 2 / BYTES_PER_IN_FLIGHT)
 
 
-def test_an_operators_cap_is_kept_and_the_connection_limit_follows_it() -> None:
+def test_an_operators_cap_is_kept_and_leaves_the_other_descriptors_to_connections() -> None:
     c = plan(
         descriptors=20_000,
         descriptors_at_start=40,
@@ -70,7 +70,7 @@ def test_an_operators_cap_is_kept_and_the_connection_limit_follows_it() -> None:
         max_in_flight=100,
     )
     assert (c.max_in_flight, c.bound_by) == (100, "SMART_MAX_IN_FLIGHT")
-    assert c.worker_connections == CONNECTIONS_PER_IN_FLIGHT * 100
+    assert c.worker_connections == 20_000 - 40 - RESERVED_DESCRIPTORS - ATTEMPTS * 100
 
 
 def test_an_operators_connection_limit_bounds_the_auto_cap() -> None:
