@@ -32,4 +32,9 @@ if [ "${1:-}" = "--profile" ]; then
   module=bench.profile
 fi
 # Bounded: the full plan takes about 9 minutes; past 12 the run is stopped.
-exec timeout --signal=TERM --kill-after=30 720 "$bin/python" -m "$module" "$@"
+if [ "$module" != bench.run ]; then
+  exec timeout --signal=TERM --kill-after=30 720 "$bin/python" -m "$module" "$@"
+fi
+timeout --signal=TERM --kill-after=30 720 "$bin/python" -m bench.run "$@"
+# The capacity matrix (bench/capacity.py): about 5 minutes, 3 with BENCH_QUICK=1.
+exec timeout --signal=TERM --kill-after=30 600 "$bin/python" -m bench.capacity
