@@ -23,6 +23,9 @@ class ConfigError(ValueError):
 
 #: The value of a setting that the worker works out at start (``smart/capacity.py``).
 AUTO = "auto"
+#: Requests in flight assumed by settings whose ``auto`` was not worked out: only an
+#: upstream client built on its own (a test) sees it; a worker's runtime resolves it.
+UNRESOLVED_IN_FLIGHT = 256
 
 
 def _setting(
@@ -177,9 +180,8 @@ class Settings:
     @property
     def max_upstream_in_flight(self) -> int:
         """Upstream attempts one worker can have open at once: the pool's size."""
-        if self.max_in_flight is None:
-            raise ConfigError("SMART_MAX_IN_FLIGHT is auto: resolve it (smart.capacity) first")
-        return self.max_in_flight * self.attempts_per_request
+        in_flight = UNRESOLVED_IN_FLIGHT if self.max_in_flight is None else self.max_in_flight
+        return in_flight * self.attempts_per_request
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
