@@ -20,6 +20,7 @@ class Kind(StrEnum):
     CONNECT_ERROR = "connect_error"  # refused, unreachable, DNS, connect timeout
     TIMEOUT = "timeout"  # connected, but no complete answer within the attempt's limit
     RESET = "reset"  # the connection broke: reset, closed early, truncated, not HTTP
+    TLS_ERROR = "tls_error"  # certificate refused, handshake failed, TLS alert or bad record
     CANCELLED = "cancelled"  # killed because the request was already decided
     ERROR = "error"  # a bug of ours; logged with its traceback
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import select
+import ssl
 import time
 from collections.abc import Mapping
 from http.cookiejar import DefaultCookiePolicy
@@ -26,6 +27,9 @@ from urllib3.exceptions import (
 )
 from urllib3.exceptions import (
     ReadTimeoutError as Urllib3ReadTimeout,
+)
+from urllib3.exceptions import (
+    SSLError as Urllib3SSLError,
 )
 
 from smart.config import Settings
@@ -70,6 +74,10 @@ class UpstreamClient:
         # the environment, and upstream cookies must not leak between clients (attempts
         # bypass the cookie jar; the policy guards any other use of the session).
         self.session.trust_env = False
+        # Never False: with trust_env off, REQUESTS_CA_BUNDLE is not read either, so a
+        # private CA is trusted only through SMART_UPSTREAM_CA_BUNDLE.
+        self._verify: str | bool = settings.upstream_ca_bundle or True
+        self.session.verify = self._verify
         self.session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
         # pool_block=False: a killed greenlet waiting for a blocking pool slot corrupts
         # the pool's count (urllib3#805). The hedger's Pool caps concurrency instead;
@@ -108,7 +116,7 @@ class UpstreamClient:
         The pool attempts use, looked up as ``send`` does: its key includes the TLS
         settings, so ``connection_from_url`` would find (or make) a different one.
         """
-        pool = self._adapter.get_connection_with_tls_context(self._template, verify=True)
+        pool = self._adapter.get_connection_with_tls_context(self._template, verify=self._verify)
         idle = getattr(pool, "pool", None)  # None once the pool is closed
         return [] if idle is None else list(idle.queue)
 
@@ -191,7 +199,10 @@ class UpstreamClient:
         # A backstop per socket operation; the real limits are the timers above.
         read_s = limit_s if limit_s is not None else settings.max_timeout_ms / 1000
         response = self._adapter.send(
-            prepared, stream=True, timeout=(settings.connect_timeout_s, read_s)
+            prepared,
+            stream=True,
+            timeout=(settings.connect_timeout_s, read_s),
+            verify=self._verify,
         )
         cap = settings.max_body_bytes
         declared = response.headers.get("Content-Length")
@@ -212,8 +223,12 @@ class UpstreamClient:
         return Kind.SUCCESS, 200, body, ""
 
 
-def classify(exc: Exception) -> Kind:
+def classify(exc: Exception) -> Kind:  # noqa: PLR0911 - one return per kind reads best
     """Map what requests/urllib3 raised during an attempt to an outcome kind."""
+    # First: requests' SSLError is a ConnectionError, and a certificate the upstream's
+    # CA bundle does not vouch for is not a network problem.
+    if isinstance(exc, requests.exceptions.SSLError | Urllib3SSLError | ssl.SSLError):
+        return Kind.TLS_ERROR
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return Kind.CONNECT_ERROR
     if isinstance(exc, requests.exceptions.ReadTimeout | Urllib3ReadTimeout | TimeoutError):
@@ -229,4 +244,24 @@ def classify(exc: Exception) -> Kind:
 
 
 def _describe(exc: Exception) -> str:
+    reason = _ssl_reason(exc)
+    if reason is not None:
+        # The wrappers' text (pool, URL, "Max retries exceeded") would push OpenSSL's
+        # reason, the part the on-call engineer needs, past the cut.
+        exc = reason
     return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _ssl_reason(exc: BaseException) -> ssl.SSLError | None:
+    """The ``ssl`` error under requests' and urllib3's wrappers, if there is one."""
+    seen: list[BaseException] = []
+    todo: list[object] = [exc]
+    while todo and len(seen) < 16:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or any(item is s for s in seen):
+            continue
+        if isinstance(item, ssl.SSLError):
+            return item
+        seen.append(item)
+        todo += [item.__cause__, item.__context__, getattr(item, "reason", None), *item.args]
+    return None
