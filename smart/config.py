@@ -40,6 +40,11 @@ class Settings:
         "must chain to (empty: the certifi bundle requests ships). Verification is "
         "never off.",
     )
+    upstream_tls_session_reuse: bool = _setting(
+        True,
+        "Resume the last TLS session of an https upstream on each new connection, "
+        "sparing a full handshake (every cancelled loser closes its connection).",
+    )
     hedge_delay_ms: int = _setting(
         300, "Start the hedges this long after attempt 1 if it has not succeeded.", minimum=0
     )

@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any
+from urllib.parse import urlsplit
 
 import gevent
 import requests
@@ -34,6 +35,7 @@ from urllib3.exceptions import (
 
 from smart.config import Settings
 from smart.outcome import Kind, Outcome
+from smart.tls import upstream_tls_context
 from smart.transport import UpstreamAdapter, held_by_worker, watch_attempt
 
 ATTEMPT_HEADER = "X-Smart-Attempt"
@@ -82,7 +84,13 @@ class UpstreamClient:
         # pool_block=False: a killed greenlet waiting for a blocking pool slot corrupts
         # the pool's count (urllib3#805). The hedger's Pool caps concurrency instead;
         # the pool keeps that many idle keep-alive connections for reuse.
+        tls_context = None
+        if urlsplit(settings.upstream_url).scheme == "https":
+            tls_context = upstream_tls_context(
+                settings.upstream_ca_bundle, reuse_sessions=settings.upstream_tls_session_reuse
+            )
         adapter = UpstreamAdapter(
+            tls_context=tls_context,
             pool_connections=1,
             pool_maxsize=settings.max_upstream_in_flight,
             max_retries=0,
