@@ -15,7 +15,9 @@ import pytest
 import requests
 from gevent.pool import Pool
 
+from smart.config import Settings
 from smart.simulator_process import SimulatorProcess
+from smart.upstream import UpstreamClient
 from tests.support import Gunicorn, open_fds, wait_until
 
 HEDGE_DELAY_S = 0.3
@@ -251,3 +253,33 @@ def test_without_the_bundle_every_attempt_is_a_tls_error(
     assert all("CERTIFICATE_VERIFY_FAILED" in d for d in details), details
     metrics = requests.get(untrusting_server.url + "/metrics", timeout=10).text
     assert 'smart_upstream_attempts_total{attempt="1",outcome="tls_error"} 1.0' in metrics
+
+
+#: New connections in the resumption tests: each attempt asks the upstream to close.
+RESUME_ATTEMPTS = 10
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_new_tls_connections_resume_the_last_session_unless_turned_off(
+    simulator: SimulatorProcess, reuse: bool
+) -> None:
+    client = UpstreamClient(
+        Settings(
+            upstream_url=simulator.work_url,
+            upstream_ca_bundle=simulator.ca_path,
+            upstream_tls_session_reuse=reuse,
+        )
+    )
+    try:
+        before = simulator.stats()
+        for _ in range(RESUME_ATTEMPTS):
+            outcome = client.fetch_once(1, 0.0, "tls-resume", 5.0, {"Connection": "close"})
+            assert outcome.ok, outcome
+        after = simulator.stats()
+    finally:
+        client.close()
+    # The control API's own connection (one per stats call) is a full handshake.
+    handshakes = after["tls_handshakes"] - before["tls_handshakes"] - 1
+    resumed = after["tls_resumed"] - before["tls_resumed"]
+    assert handshakes == RESUME_ATTEMPTS
+    assert resumed == (RESUME_ATTEMPTS - 1 if reuse else 0)
