@@ -65,9 +65,18 @@ def _context_class() -> type[Any]:
         sessions: dict[str | None, ssl.SSLSession]
 
         def remember(self, sock: ssl.SSLSocket) -> None:
-            session = sock.session if self.reuse_sessions else None
+            # Only after a full handshake (or with none kept): reading ``session``
+            # copies it through DER, certificate and all (CPython's TLS 1.3 workaround),
+            # ~0.3 ms under OpenSSL 3.0. A resumed one leaves the kept session valid;
+            # one the upstream refused or let expire ends in a full handshake.
+            if not self.reuse_sessions:
+                return
+            host = sock.server_hostname
+            if host in self.sessions and sock.session_reused:
+                return
+            session = sock.session
             if session is not None:
-                self.sessions[sock.server_hostname] = session
+                self.sessions[host] = session
 
         def wrap_socket(  # type: ignore[override]
             self,
