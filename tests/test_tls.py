@@ -16,7 +16,7 @@ import requests
 from gevent.pool import Pool
 
 from smart.config import Settings
-from smart.simulator_process import SimulatorProcess
+from smart.simulator_process import SimulatorError, SimulatorProcess
 from smart.upstream import UpstreamClient
 from tests.support import Gunicorn, open_fds, wait_until
 
@@ -75,6 +75,13 @@ def test_the_upstream_is_really_https(simulator: SimulatorProcess) -> None:
     with pytest.raises(requests.exceptions.SSLError):
         requests.get(simulator.work_url, timeout=5)  # certifi does not know the run's CA
     assert requests.get(simulator.work_url, verify=simulator.ca_path, timeout=5).ok
+
+
+def test_the_simulators_tls_is_fixed_at_start(simulator: SimulatorProcess) -> None:
+    assert simulator.config()["tls"] is True
+    simulator.configure(tls=True)  # what it reports: no change, so allowed
+    with pytest.raises(SimulatorError, match="tls"):
+        simulator.configure(tls=False)
 
 
 def test_a_fast_answer_over_tls_is_the_answer(
