@@ -155,14 +155,33 @@ def test_failures_over_tls_keep_their_kind(
     assert [a["outcome"] for a in response.json()["attempts"]] == [outcome] * 3
 
 
+@pytest.mark.parametrize("timeout_ms", [50, 250, 1000])
 def test_a_deadline_over_tls_is_a_504_on_time(
-    server: Gunicorn, simulator: SimulatorProcess
+    server: Gunicorn, simulator: SimulatorProcess, timeout_ms: int
 ) -> None:
     simulator.by_attempt({str(n): {"kind": "hang"} for n in (1, 2, 3)})
-    response = get(server, "?timeout=250", headers={"X-Request-ID": "tls-deadline"})
+    response = get(server, f"?timeout={timeout_ms}")
     assert response.status_code == 504
-    assert "250 ms" in response.json()["message"]
-    assert 0.25 <= response.elapsed.total_seconds() + 0.005 <= 0.25 + TOLERANCE_S
+    assert f"{timeout_ms} ms" in response.json()["message"]
+    took = response.elapsed.total_seconds()
+    assert timeout_ms / 1000 <= took + 0.005 <= timeout_ms / 1000 + TOLERANCE_S
+    expected_attempts = 3 if timeout_ms > HEDGE_DELAY_S * 1000 else 1
+    assert [a["outcome"] for a in response.json()["attempts"]] == ["cancelled"] * expected_attempts
+
+
+def test_a_timeout_below_the_delay_over_tls_still_hedges_after_an_early_failure(
+    server: Gunicorn, simulator: SimulatorProcess
+) -> None:
+    simulator.by_attempt(
+        {
+            "1": {"kind": "reset", "delay_ms": 10},
+            "2": {"kind": "ok", "delay_ms": 30},
+            "3": {"kind": "ok", "delay_ms": 30},
+        }
+    )
+    response = get(server, "?timeout=200")
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Smart-Attempts"] == "3"
 
 
 def test_without_a_timeout_a_hanging_tls_upstream_ends_at_the_attempt_limit(
