@@ -78,6 +78,7 @@ def test_the_hostile_upstream_answers_when_told_to(server: Gunicorn) -> None:
     [
         ("untrusted", "CERTIFICATE_VERIFY_FAILED"),
         ("wrong_name", "IP address mismatch"),
+        ("expired", "certificate has expired"),
         ("bad_record", "DECRYPTION_FAILED_OR_BAD_RECORD_MAC"),
     ],
 )

@@ -7,6 +7,7 @@ connection ended, so a test can see that smart closed the ones it gave up on.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import socket
 import ssl
 import time
@@ -22,15 +23,18 @@ import trustme
 from gevent.server import StreamServer
 
 #: Modes: a valid answer; a certificate from a CA the client does not trust; a trusted
-#: certificate for another host; a handshake never answered; a bogus TLS record, or a
-#: TCP close with no TLS close, in the middle of the body.
-MODES = ("ok", "untrusted", "wrong_name", "no_handshake", "bad_record", "truncate")
+#: certificate for another host; a trusted one that has expired; a handshake never
+#: answered; a bogus TLS record, or a TCP close with no TLS close, in the middle of
+#: the body.
+MODES = ("ok", "untrusted", "wrong_name", "expired", "no_handshake", "bad_record", "truncate")
 BODY = b'{"time": 42}'
 #: Header, then a body that promises more than the first part that is sent.
 PARTIAL_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n"
 PARTIAL_BODY = b'{"time": 42, "pad": "'
 #: A TLS 1.2-style application-data record whose content is noise: it cannot decrypt.
 BOGUS_RECORD = b"\x17\x03\x03\x00\x20" + bytes(range(32))
+#: How long ago the "expired" certificate stopped being valid.
+EXPIRED_FOR = datetime.timedelta(days=1)
 #: How long a connection that waits for the client to leave waits at most.
 HOLD_S = 30.0
 
@@ -61,6 +65,13 @@ class HostileTLSServer:
             "right": self._context(self.authority.issue_cert("127.0.0.1", "localhost")),
             "wrong_name": self._context(self.authority.issue_cert("upstream.example")),
             "untrusted": self._context(trustme.CA().issue_cert("127.0.0.1", "localhost")),
+            "expired": self._context(
+                self.authority.issue_cert(
+                    "127.0.0.1",
+                    not_before=datetime.datetime.now(datetime.UTC) - EXPIRED_FOR * 2,
+                    not_after=datetime.datetime.now(datetime.UTC) - EXPIRED_FOR,
+                )
+            ),
         }
         self._stopping = gevent.event.Event()
         self._server = StreamServer(("127.0.0.1", 0), self._serve)
