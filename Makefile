@@ -7,7 +7,7 @@ LINTED := smart tests $(wildcard bench scripts)
 CI_STAMP := $(VENV)/.ci-installed
 
 .PHONY: install run test lint fmt bench bench-profile soak clean licenses check-deploy \
-	check-alerts instrumentation-cost
+	check-alerts instrumentation-cost test-newest
 
 install: $(STAMP)
 
@@ -25,6 +25,18 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The transport on the newest urllib3 and requests beside the pinned ones: the checks of
+# smart/internals.py and the tests of the upstream layer, in a virtualenv of their own.
+NEWEST := .venv-newest
+NEWEST_TESTS := tests/test_internals.py tests/test_upstream.py tests/test_connection_pool.py \
+	tests/test_hedge_clock.py tests/test_faults.py
+test-newest: $(STAMP)
+	@test -x $(NEWEST)/bin/python || $(PYTHON) -m venv $(NEWEST)
+	$(NEWEST)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(NEWEST)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade urllib3 requests
+	@$(NEWEST)/bin/python -c 'import requests, urllib3; print("newest: urllib3", urllib3.__version__, "requests", requests.__version__)'
+	$(NEWEST)/bin/python -m pytest -q $(NEWEST_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
@@ -80,4 +92,4 @@ instrumentation-cost: $(STAMP)
 	$(BIN)/python bench/instrumentation_cost.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(NEWEST) .pytest_cache .ruff_cache .mypy_cache

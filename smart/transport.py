@@ -2,7 +2,8 @@
 that smart never uses.
 
 CPU spent in the HTTP client is the throughput ceiling of a worker (docs/PERFORMANCE.md
-measures each piece). Imports requests and urllib3 only; knows nothing of attempts.
+measures each piece). Imports requests and urllib3 only, and their private names only
+through ``internals``; knows nothing of attempts.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util.connection import allowed_gai_family
-from urllib3.util.timeout import _DEFAULT_TIMEOUT
+
+from smart.internals import DEFAULT_TIMEOUT, dns_host
 
 #: The operating system's poll, even after gevent's patching: see ``is_connected``.
 _poll = get_original("select", "poll")
@@ -93,7 +95,7 @@ def _connect(address: tuple[str, int], timeout: Any, source: Any, options: Any) 
         try:
             for option in options or ():
                 sock.setsockopt(*option)
-            if timeout is not _DEFAULT_TIMEOUT:
+            if timeout is not DEFAULT_TIMEOUT:
                 sock.settimeout(timeout)
             if source:
                 sock.bind(source)
@@ -123,7 +125,6 @@ class _AttemptWatch:
     timeout: Any
     source_address: Any
     socket_options: Any
-    _dns_host: str
 
     def _new_conn(self) -> socket.socket:
         if getcurrent() not in _watched:
@@ -131,7 +132,7 @@ class _AttemptWatch:
         # urllib3's own error mapping, around a connect the watch can see.
         try:
             return _connect(
-                (self._dns_host, self.port), self.timeout, self.source_address, self.socket_options
+                (dns_host(self), self.port), self.timeout, self.source_address, self.socket_options
             )
         except socket.gaierror as exc:
             raise NameResolutionError(self.host, self, exc) from exc  # type: ignore[arg-type]

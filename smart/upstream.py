@@ -28,7 +28,9 @@ from urllib3.exceptions import (
     ReadTimeoutError as Urllib3ReadTimeout,
 )
 
+from smart import internals
 from smart.config import Settings
+from smart.internals import idle_queue
 from smart.outcome import Kind, Outcome
 from smart.transport import UpstreamAdapter, held_by_worker, watch_attempt
 
@@ -64,6 +66,7 @@ class UpstreamClient:
     """
 
     def __init__(self, settings: Settings) -> None:
+        internals.check()  # a urllib3 that changed under the transport stops the worker
         self._settings = settings
         self.session = requests.Session()
         # Hedging is the retry policy, proxies and .netrc are not ours to pick up from
@@ -109,8 +112,7 @@ class UpstreamClient:
         settings, so ``connection_from_url`` would find (or make) a different one.
         """
         pool = self._adapter.get_connection_with_tls_context(self._template, verify=True)
-        idle = getattr(pool, "pool", None)  # None once the pool is closed
-        return [] if idle is None else list(idle.queue)
+        return idle_queue(pool)
 
     def idle_connections(self) -> int:
         """Open connections waiting in the pool for reuse (for leak hunting)."""
