@@ -22,7 +22,6 @@ import datetime  # noqa: E402
 import io  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
-import runpy  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -36,6 +35,7 @@ import gevent  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from smart.access_log import JsonAccessLogger  # noqa: E402
 from smart.simulator_process import SimulatorProcess  # noqa: E402
 
 #: The simulated upstream's fixed answer time: the latency floor of every request.
@@ -176,14 +176,13 @@ def micro(workdir: Path) -> dict[str, float]:
     handler.setFormatter(JsonFormatter())
     app_log.addHandler(handler)
 
-    conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
     access = logging.getLogger("gunicorn.access")
     access.propagate = False
     access.setLevel(logging.INFO)
     handler = logging.StreamHandler(io.StringIO())
-    handler.setFormatter(conf["JsonLogFormatter"]())
+    handler.setFormatter(JsonFormatter())
     access.handlers[:] = [handler]
-    logger = conf["JsonAccessLogger"].__new__(conf["JsonAccessLogger"])
+    logger = JsonAccessLogger.__new__(JsonAccessLogger)
     logger.access_log = access
 
     class Response:

@@ -21,6 +21,9 @@ from urllib.parse import urlsplit
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from smart.config import Settings  # noqa: E402 - standard library only, like this script
+
 COMPOSE = ROOT / "docker-compose.yml"
 K8S = ROOT / "deploy" / "k8s"
 
@@ -60,12 +63,8 @@ def dockerfile() -> dict[str, Any]:
 
 
 def graceful_timeout_s() -> int:
-    """gunicorn's graceful timeout default, as gunicorn.conf.py sets it."""
-    text = (ROOT / "gunicorn.conf.py").read_text()
-    match = re.search(r'_env_int\("SMART_GRACEFUL_TIMEOUT_S",\s*(\d+)\)', text)
-    if not match:
-        raise SystemExit("gunicorn.conf.py no longer reads SMART_GRACEFUL_TIMEOUT_S")
-    return int(match[1])
+    """gunicorn's graceful timeout default (``Settings``, which gunicorn.conf.py reads)."""
+    return int(Settings().graceful_timeout_s)
 
 
 def duration_s(value: str | int) -> float:

@@ -10,9 +10,10 @@ from flask import Blueprint, Response, current_app, request
 from smart import errors
 from smart.errors import ApiError
 from smart.hedge import HedgeError, HedgeResult, hedge
+from smart.logs import REQUEST_LOGGED
 from smart.params import InvalidTimeout, parse_timeout_ms, request_id_from
 from smart.runtime import Runtime
-from smart.telemetry import REQUEST_LOGGED, RequestRecord
+from smart.telemetry import RequestRecord
 from smart.tracing import RequestSpan
 
 bp = Blueprint("api", __name__)

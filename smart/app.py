@@ -41,7 +41,7 @@ def create_app(
     """Build one worker's app; ``settings`` defaults to the environment's, and tracing
     to what the ``OTEL_*`` variables ask for unless a ``tracer_provider`` is given."""
     settings = Settings.from_env() if settings is None else settings
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.secrets)
     app = Flask("smart")
     runtime = Runtime.build(settings, tracer_provider)
     app.extensions["smart"] = runtime

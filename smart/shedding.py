@@ -17,8 +17,9 @@ import gevent
 
 from smart import errors
 from smart.admission import InFlightLimiter
+from smart.logs import REQUEST_LOGGED
 from smart.params import request_id_from
-from smart.telemetry import REQUEST_LOGGED, Telemetry
+from smart.telemetry import Telemetry
 
 SMART_PATH = "/api/smart"
 _ADMITTED_METHODS = frozenset({"GET", "HEAD"})  # others get Flask's 405, no slot needed

@@ -24,10 +24,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("smart.request")
 
-#: Set in the WSGI environ of a request whose own line (or refusal count) is in the
-#: request log, so the access log can skip it: one line per request. The access
-#: logger in gunicorn.conf.py reads the same key.
-REQUEST_LOGGED = "smart.request_logged"
 
 #: Refusals (503 ``overloaded``) logged one by one per second and worker; the rest
 #: are counted into one line. A log line costs about as much CPU as the refusal

@@ -16,7 +16,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from smart.config import ConfigError
+from smart.config import ConfigError, redact_url
 from smart.hedge import HedgeResult
 from smart.outcome import Kind
 
@@ -94,7 +94,7 @@ class Tracing:
         self.attempt_name = f"GET {parts.path or '/'}"
         self.attempt_attributes: dict[str, str | int] = {
             "http.request.method": "GET",
-            "url.full": upstream_url,
+            "url.full": redact_url(upstream_url),
             "server.address": parts.hostname or "",
             "server.port": parts.port or (443 if parts.scheme == "https" else 80),
         }

@@ -114,6 +114,15 @@ def test_gunicorn_will_not_start_with_the_cap_at_or_above_its_connection_limit(
         runpy.run_path(str(GUNICORN_CONF))
 
 
+def test_gunicorn_will_not_start_with_too_few_connections_for_the_default_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SMART_WORKER_CONNECTIONS", "100")
+    monkeypatch.delenv("SMART_MAX_IN_FLIGHT", raising=False)
+    with pytest.raises(SystemExit, match=r"SMART_WORKER_CONNECTIONS \(100\) must stay above"):
+        runpy.run_path(str(GUNICORN_CONF))
+
+
 def test_gunicorn_starts_with_the_default_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SMART_WORKER_CONNECTIONS", raising=False)
     monkeypatch.delenv("SMART_MAX_IN_FLIGHT", raising=False)

@@ -312,5 +312,5 @@ def test_an_in_flight_cap_at_gunicorns_connection_limit_stops_the_server(tmp_pat
         "SMART_WORKER_CONNECTIONS": "100",
     }
     server = Gunicorn(env, workers=1, tmp_path=tmp_path)
-    with pytest.raises(RuntimeError, match="SMART_MAX_IN_FLIGHT must stay below"):
+    with pytest.raises(RuntimeError, match=r"SMART_WORKER_CONNECTIONS \(100\) must stay above"):
         server.start()
