@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-LINTED := smart tests $(wildcard bench scripts)
+LINTED := smart simulator tests $(wildcard bench scripts)
 CI_STAMP := $(VENV)/.ci-installed
 
 .PHONY: install run test lint fmt bench bench-profile soak clean licenses check-deploy \
@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 # The transport on the newest urllib3 and requests beside the pinned ones: the checks of
-# smart/internals.py and the tests of the upstream layer, in a virtualenv of their own.
+# smart/upstream/internals.py and the tests of the upstream layer, in a virtualenv of their own.
 NEWEST := .venv-newest
 NEWEST_TESTS := tests/test_internals.py tests/test_upstream.py tests/test_connection_pool.py \
 	tests/test_hedge_clock.py tests/test_faults.py
@@ -41,7 +41,7 @@ test-newest: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/ruff format --check $(LINTED)
-	$(BIN)/mypy smart
+	$(BIN)/mypy
 
 fmt: $(STAMP)
 	$(BIN)/ruff format $(LINTED)

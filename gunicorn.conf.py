@@ -1,6 +1,6 @@
 """gunicorn settings for smart: plain Python, every knob from ``smart.config.Settings``.
 
-Of smart this file imports only ``smart.config`` (and names ``smart.logs``), which use
+Of smart this file imports only ``smart.config`` (and names ``smart.observability.logs``), which use
 the standard library alone; never requests or anything that opens sockets: gunicorn's
 gevent worker monkey-patches *after* reading it, in each worker, and no app is
 preloaded so every worker builds its own session and pool after the fork
@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from typing import Any
 
-# Standard library only, like this file: see smart/config.py and smart/logs.py.
+# Standard library only, like this file: see smart/config.py and smart/observability/logs.py.
 from smart.config import ConfigError, Settings
 
 try:
@@ -47,8 +47,8 @@ backlog = settings.backlog
 workers = _web_concurrency()
 # gunicorn's gevent worker (`-k gevent`), except that the errors gunicorn answers
 # itself (414, 431, 400) are JSON like every other response. Resolved by name in the
-# master; smart/worker.py imports nothing but gunicorn.
-worker_class = "smart.worker.JsonErrorsGeventWorker"
+# master; smart/lifecycle/worker.py imports nothing but gunicorn.
+worker_class = "smart.lifecycle.worker.JsonErrorsGeventWorker"
 # Open client connections one worker accepts; Settings checks that it stays above
 # SMART_MAX_IN_FLIGHT, so that requests past the admission cap reach the app and get
 # a fast 503 instead of waiting unseen in the kernel backlog.
@@ -82,10 +82,10 @@ control_socket_disable = True
 # URL masked): the access log on stdout, the error log (start-up, worker lifecycle,
 # tracebacks) on stderr. SMART_LOG_LEVEL sets both gunicorn's and the application's
 # level. The access log has a line for every request the request log does not cover
-# (smart/access_log.py); SMART_ACCESS_LOG=false silences it.
+# (smart/observability/access_log.py); SMART_ACCESS_LOG=false silences it.
 loglevel = settings.log_level.lower()
-logger_class = "smart.access_log.JsonAccessLogger"
-_json = {"()": "smart.logs.JsonFormatter", "secrets": list(settings.secrets)}
+logger_class = "smart.observability.access_log.JsonAccessLogger"
+_json = {"()": "smart.observability.logs.JsonFormatter", "secrets": list(settings.secrets)}
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,

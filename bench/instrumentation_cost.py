@@ -35,8 +35,8 @@ import gevent  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from smart.access_log import JsonAccessLogger  # noqa: E402
-from smart.simulator_process import SimulatorProcess  # noqa: E402
+from simulator.process import SimulatorProcess  # noqa: E402
+from smart.observability.access_log import JsonAccessLogger  # noqa: E402
 
 #: The simulated upstream's fixed answer time: the latency floor of every request.
 UPSTREAM_MS = 20
@@ -151,11 +151,11 @@ def micro(workdir: Path) -> dict[str, float]:
     """Microseconds of CPU each signal costs one request, measured in this process."""
     # Multiprocess storage, as under gunicorn: chosen when prometheus_client is imported.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(workdir)
-    from smart.hedge import HedgeResult, Trigger  # noqa: PLC0415
-    from smart.logs import JsonFormatter  # noqa: PLC0415
-    from smart.metrics import build_metrics  # noqa: PLC0415
-    from smart.outcome import Kind, Outcome  # noqa: PLC0415
-    from smart.telemetry import RequestRecord, log_fields, record_metrics  # noqa: PLC0415
+    from smart.hedging.hedge import HedgeResult, Trigger  # noqa: PLC0415
+    from smart.hedging.outcome import Kind, Outcome  # noqa: PLC0415
+    from smart.observability.logs import JsonFormatter  # noqa: PLC0415
+    from smart.observability.metrics import build_metrics  # noqa: PLC0415
+    from smart.observability.telemetry import RequestRecord, log_fields, record_metrics  # noqa: PLC0415
 
     metrics = build_metrics(3)
     ok = Outcome(1, Kind.SUCCESS, 0.0003, 0.02, status=200, body=b'{"time": 20}')

@@ -34,7 +34,7 @@ from gevent.pool import Pool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from smart.simulator_process import SimulatorProcess
+from simulator.process import SimulatorProcess
 from tests.support import Gunicorn, open_fds
 
 #: Allowed after the idle period, against the post-warm-up baseline (reasons as in

@@ -18,12 +18,12 @@ import pytest
 from flask.testing import FlaskClient
 from gevent.pool import Pool
 
-from smart.admission import HedgeBudget, InFlightLimiter, LagController
 from smart.app import create_app
 from smart.config import Settings
-from smart.hedge import AllAttemptsFailed, DeadlineExceeded, HedgeResult, hedge
-from smart.outcome import Kind, Outcome
-from smart.runtime import Runtime
+from smart.hedging.hedge import AllAttemptsFailed, DeadlineExceeded, HedgeResult, hedge
+from smart.hedging.outcome import Kind, Outcome
+from smart.lifecycle.runtime import Runtime
+from smart.protection.admission import HedgeBudget, InFlightLimiter, LagController
 from tests.support import wait_until
 
 #: A bound on waiting for something that should happen at once.

@@ -9,7 +9,7 @@ import subprocess
 
 from prometheus_client import CollectorRegistry
 
-from smart.metrics import Metrics
+from smart.observability.metrics import Metrics
 from tests.prometheus_tools import require
 from tests.support import ROOT
 

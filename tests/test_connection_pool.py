@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import gevent
 import pytest
 
+from simulator import SimulatorProcess
 from smart.config import Settings
-from smart.simulator import SimulatorProcess
-from smart.upstream import UpstreamClient
+from smart.upstream.client import UpstreamClient
 
 #: Attempts run at once to put that many connections in the pool.
 PARALLEL = 4

@@ -9,7 +9,7 @@ What must hold for this test (after the application is merged):
   and ``/metrics`` (200) using only the files the Dockerfile copies;
 - ``gunicorn.conf.py`` accepts an empty ``PROMETHEUS_MULTIPROC_DIR`` and honours
   ``SMART_BIND``; no control socket is created;
-- ``python -m smart.simulator --host H --port P`` serves ``/api/work`` (optional: when
+- ``python -m simulator --host H --port P`` serves ``/api/work`` (optional: when
   the module is absent the upstream URL points at a closed port, which the health
   endpoints never touch).
 """
@@ -308,9 +308,9 @@ def test_image_command_passes_its_healthcheck_and_stops_cleanly_on_sigterm(
     with contextlib.ExitStack() as stack:
         upstream_port = free_port()
         env["SMART_UPSTREAM_URL"] = f"http://127.0.0.1:{upstream_port}/api/work"
-        simulator = importlib.util.find_spec("smart.simulator") is not None
+        simulator = importlib.util.find_spec("simulator") is not None
         if simulator:
-            command = [sys.executable, "-m", "smart.simulator"]
+            command = [sys.executable, "-m", "simulator"]
             command += ["--host", "127.0.0.1", "--port", str(upstream_port)]
             sim_log = tmp_path / "simulator.log"
             sim = stack.enter_context(started(command, cwd=workdir, env=env, log=sim_log))

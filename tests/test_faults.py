@@ -22,8 +22,8 @@ import requests
 from gevent.event import Event
 from gevent.pool import Pool
 
-from smart.runtime import IDLE_SWEEP_INTERVAL_S
-from smart.simulator_process import SimulatorProcess
+from simulator.process import SimulatorProcess
+from smart.lifecycle.runtime import IDLE_SWEEP_INTERVAL_S
 from tests.support import Gunicorn, open_fds, wait_until
 
 #: The contract allows ±40 ms around each due time; a loaded 2-core CI box running

@@ -16,7 +16,7 @@ from tests.support import ROOT
 GUNICORN_CONF = ROOT / "gunicorn.conf.py"
 #: Modules that must not be imported before gevent patches the worker (PITFALLS:
 #: patching order): loading the config in gunicorn's master must not pull them in.
-UNPATCHABLE = ("requests", "urllib3", "gevent", "flask", "smart.upstream", "smart.app")
+UNPATCHABLE = ("requests", "urllib3", "gevent", "flask", "smart.upstream.client", "smart.app")
 
 
 def test_loading_the_config_imports_nothing_that_must_wait_for_gevents_patch() -> None:

@@ -14,8 +14,8 @@ import pytest
 from gevent.event import AsyncResult, Event
 from gevent.pool import Pool
 
-from smart.hedge import AllAttemptsFailed, DeadlineExceeded, HedgeResult, Trigger, hedge
-from smart.outcome import Kind, Outcome
+from smart.hedging.hedge import AllAttemptsFailed, DeadlineExceeded, HedgeResult, Trigger, hedge
+from smart.hedging.outcome import Kind, Outcome
 
 #: A hedge delay short enough to keep the suite fast, long enough that a busy 2-core
 #: machine does not blur "before the delay" and "after the delay".

@@ -16,11 +16,11 @@ import pytest
 from gevent.monkey import get_original
 from gevent.pool import Pool
 
+from simulator import SimulatorProcess
 from smart.config import Settings
-from smart.hedge import HedgeResult, hedge
-from smart.simulator import SimulatorProcess
-from smart.transport import held_by_worker
-from smart.upstream import UpstreamClient
+from smart.hedging.hedge import HedgeResult, hedge
+from smart.upstream.client import UpstreamClient
+from smart.upstream.transport import held_by_worker
 
 #: The simulator's fixed latency: well inside the hedge delay.
 UPSTREAM_MS = 100

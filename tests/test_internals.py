@@ -1,6 +1,6 @@
 """Each private urllib3/requests name smart relies on still means what it did.
 
-One test per assumption of ``smart.internals``: after a library upgrade, the failing
+One test per assumption of ``smart.upstream.internals``: after a library upgrade, the failing
 test's name says which part of the transport needs a look.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from smart import internals
+from smart.upstream import internals
 
 
 @pytest.mark.parametrize("assumption", internals.ASSUMPTIONS, ids=lambda a: a.name)

@@ -21,8 +21,8 @@ import pytest
 import requests
 from gevent.pool import Pool
 
-from smart.runtime import IDLE_SWEEP_INTERVAL_S
-from smart.simulator_process import SimulatorProcess
+from simulator.process import SimulatorProcess
+from smart.lifecycle.runtime import IDLE_SWEEP_INTERVAL_S
 from tests.support import Gunicorn, open_fds, wait_until
 
 #: Requests in the measured run, and in the warm-up before the baseline: enough for

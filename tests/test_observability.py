@@ -24,7 +24,7 @@ from gevent.pywsgi import WSGIServer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from prometheus_client.parser import text_string_to_metric_families
 
-from smart.simulator_process import SimulatorProcess
+from simulator.process import SimulatorProcess
 from tests.prometheus_tools import SCRAPE_INTERVAL_S, PrometheusServer
 from tests.support import ROOT, Gunicorn, scrape_total, wait_until
 

@@ -19,7 +19,7 @@ import pytest
 import requests
 from gevent.pool import Pool
 
-from smart.simulator_process import SimulatorProcess
+from simulator.process import SimulatorProcess
 from tests.support import Gunicorn, scrape_total, wait_until
 
 #: The cap of the server under test, and as many requests that hang upstream.

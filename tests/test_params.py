@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from smart.params import InvalidTimeout, parse_timeout_ms, request_id_from
+from smart.edge.params import InvalidTimeout, parse_timeout_ms, request_id_from
 
 MAX_MS = 60_000
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from smart.config import ConfigError, Settings, redact_url
-from smart.logs import JsonFormatter
+from smart.observability.logs import JsonFormatter
 
 SECRET_URL = (
     "https://robot:s3cret%2Fpassw0rd@upstream.example:8443/api/work?api_key=k-0123456789&v=1"

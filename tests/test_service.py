@@ -16,7 +16,7 @@ import pytest
 import requests
 from gevent.pool import Pool
 
-from smart.simulator_process import SimulatorProcess
+from simulator.process import SimulatorProcess
 from tests.support import Gunicorn, open_fds, wait_until
 
 #: The hedge delay under test (the contract's 300 ms).

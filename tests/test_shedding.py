@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from smart.admission import InFlightLimiter
 from smart.app import create_app
 from smart.config import Settings
-from smart.shedding import PausedAnswer, Shedder
-from smart.telemetry import REFUSALS_LOGGED_PER_S, RefusalLog, Telemetry
+from smart.observability.telemetry import REFUSALS_LOGGED_PER_S, RefusalLog, Telemetry
+from smart.protection.admission import InFlightLimiter
+from smart.protection.shedding import PausedAnswer, Shedder
 
 REFUSED_URL = "http://127.0.0.1:9/api/work"
 

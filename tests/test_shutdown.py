@@ -16,7 +16,7 @@ from pathlib import Path
 import requests
 from gevent.pool import Pool
 
-from smart.simulator_process import SimulatorProcess
+from simulator.process import SimulatorProcess
 from tests.support import Gunicorn, wait_until
 
 #: How long each request in flight at SIGTERM takes upstream: long enough that the

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from smart.simulator import SimulatorError, SimulatorProcess
+from simulator import SimulatorError, SimulatorProcess
 
 FIXED_MS = 50
 # A shared, loaded 2-core box: scheduling alone can add tens of milliseconds.

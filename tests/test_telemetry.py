@@ -19,12 +19,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from smart.app import create_app
 from smart.config import ConfigError, Settings
-from smart.hedge import HedgeResult, Trigger
-from smart.logs import JsonFormatter
-from smart.metrics import Metrics
-from smart.outcome import Kind, Outcome
-from smart.telemetry import RequestRecord, Telemetry, log_fields
-from smart.tracing import tracing_wanted
+from smart.hedging.hedge import HedgeResult, Trigger
+from smart.hedging.outcome import Kind, Outcome
+from smart.observability.logs import JsonFormatter
+from smart.observability.metrics import Metrics
+from smart.observability.telemetry import RequestRecord, Telemetry, log_fields
+from smart.observability.tracing import tracing_wanted
 
 #: Nothing listens on the discard port of loopback: every attempt is refused at once.
 REFUSED_URL = "http://127.0.0.1:9/api/work"

@@ -13,9 +13,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from simulator.process import SimulatorProcess
 from smart.app import create_app
 from smart.config import Settings
-from smart.simulator_process import SimulatorProcess
 from tests.support import wait_until
 
 #: The client's own trace, as a W3C traceparent: smart's server span continues it.
@@ -145,7 +145,7 @@ def test_a_rejected_request_is_a_server_span_with_an_error_and_no_children(
     (server,) = exporter.get_finished_spans()
     assert server.attributes is not None
     assert server.attributes["http.response.status_code"] == 400
-    assert server.attributes["smart.outcome"] == "invalid_timeout"
+    assert server.attributes["smart.hedging.outcome"] == "invalid_timeout"
     assert simulator.stats()["calls"] == 0
 
 

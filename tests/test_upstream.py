@@ -14,8 +14,8 @@ import responses
 from urllib3.exceptions import NameResolutionError, NewConnectionError, ProtocolError
 
 from smart.config import Settings
-from smart.outcome import Kind, Outcome
-from smart.upstream import UpstreamClient, classify, is_valid_payload
+from smart.hedging.outcome import Kind, Outcome
+from smart.upstream.client import UpstreamClient, classify, is_valid_payload
 
 URL = "http://upstream.test/api/work"
 

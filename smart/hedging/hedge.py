@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import gevent
 from gevent import Greenlet
 
-from smart.outcome import Kind, Outcome
+from smart.hedging.outcome import Kind, Outcome
 
 #: How long the kill of one request's leftover attempts may take. A killed attempt
 #: only has to unwind out of a socket call and close it; if it has not died by then it

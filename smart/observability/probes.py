@@ -8,7 +8,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app
 from werkzeug.exceptions import NotFound
 
-from smart.runtime import Runtime
+from smart.lifecycle.runtime import Runtime
 
 bp = Blueprint("probes", __name__)
 
@@ -30,7 +30,7 @@ def readyz() -> Response:
 
 @bp.get("/metrics")
 def metrics() -> Response:
-    """Prometheus text format, every worker's samples merged (see smart.metrics)."""
+    """Prometheus text format, every worker's samples merged (see smart.observability.metrics)."""
     runtime: Runtime = current_app.extensions["smart"]
     if runtime.telemetry.metrics is None:
         raise NotFound("metrics are off (SMART_METRICS=false)")

@@ -17,8 +17,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from smart.config import ConfigError, redact_url
-from smart.hedge import HedgeResult
-from smart.outcome import Kind
+from smart.hedging.hedge import HedgeResult
+from smart.hedging.outcome import Kind
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -177,7 +177,7 @@ class RequestSpan:
                 failed = not o.ok and not cancelled
                 child.set_attributes(
                     {
-                        "smart.outcome": o.label,
+                        "smart.hedging.outcome": o.label,
                         "smart.won": o.attempt == winner,
                         "smart.cancelled": cancelled,
                         "smart.failed": failed,
@@ -197,7 +197,7 @@ class RequestSpan:
         if timeout_ms is not None:
             span.set_attribute("smart.timeout_ms", timeout_ms)
         span.set_attribute("http.response.status_code", status)
-        span.set_attribute("smart.outcome", outcome)
+        span.set_attribute("smart.hedging.outcome", outcome)
         if status >= 500:
             span.set_attribute("error.type", outcome)
             span.set_status(Status(StatusCode.ERROR, outcome))

@@ -10,8 +10,8 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from smart.hedge import AllAttemptsFailed, DeadlineExceeded, HedgeError
-from smart.outcome import Kind, Outcome
+from smart.hedging.hedge import AllAttemptsFailed, DeadlineExceeded, HedgeError
+from smart.hedging.outcome import Kind, Outcome
 
 
 @dataclass(frozen=True, slots=True)

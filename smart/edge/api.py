@@ -7,14 +7,14 @@ from functools import partial
 
 from flask import Blueprint, Response, current_app, request
 
-from smart import errors
-from smart.errors import ApiError
-from smart.hedge import HedgeError, HedgeResult, hedge
-from smart.logs import REQUEST_LOGGED
-from smart.params import InvalidTimeout, parse_timeout_ms, request_id_from
-from smart.runtime import Runtime
-from smart.telemetry import RequestRecord
-from smart.tracing import RequestSpan
+from smart.edge import errors
+from smart.edge.errors import ApiError
+from smart.edge.params import InvalidTimeout, parse_timeout_ms, request_id_from
+from smart.hedging.hedge import HedgeError, HedgeResult, hedge
+from smart.lifecycle.runtime import Runtime
+from smart.observability.logs import REQUEST_LOGGED
+from smart.observability.telemetry import RequestRecord
+from smart.observability.tracing import RequestSpan
 
 bp = Blueprint("api", __name__)
 

@@ -28,11 +28,11 @@ from urllib3.exceptions import (
     ReadTimeoutError as Urllib3ReadTimeout,
 )
 
-from smart import internals
 from smart.config import Settings
-from smart.internals import idle_queue
-from smart.outcome import Kind, Outcome
-from smart.transport import UpstreamAdapter, held_by_worker, watch_attempt
+from smart.hedging.outcome import Kind, Outcome
+from smart.upstream import internals
+from smart.upstream.internals import idle_queue
+from smart.upstream.transport import UpstreamAdapter, held_by_worker, watch_attempt
 
 ATTEMPT_HEADER = "X-Smart-Attempt"
 REQUEST_ID_HEADER = "X-Request-ID"

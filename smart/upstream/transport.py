@@ -23,7 +23,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util.connection import allowed_gai_family
 
-from smart.internals import DEFAULT_TIMEOUT, dns_host
+from smart.upstream.internals import DEFAULT_TIMEOUT, dns_host
 
 #: The operating system's poll, even after gevent's patching: see ``is_connected``.
 _poll = get_original("select", "poll")

@@ -164,5 +164,5 @@ def check() -> None:
         names = "; ".join(f"{a.name} ({a.why})" for a in failed)
         raise InternalsChanged(
             f"urllib3 {_URLLIB3_VERSION} / requests {requests.__version__} changed what "
-            f"smart relies on: {names}. See smart/internals.py."
+            f"smart relies on: {names}. See smart/upstream/internals.py."
         )

@@ -15,10 +15,10 @@ import gevent
 from gevent import Greenlet
 from gevent.pool import Pool
 
-from smart.admission import HedgeBudget, InFlightLimiter, LagController
 from smart.config import Settings
-from smart.telemetry import Telemetry
-from smart.upstream import UpstreamClient
+from smart.observability.telemetry import Telemetry
+from smart.protection.admission import HedgeBudget, InFlightLimiter, LagController
+from smart.upstream.client import UpstreamClient
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider

@@ -23,7 +23,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from smart.outcome import Kind
+from smart.hedging.outcome import Kind
 
 log = logging.getLogger("smart")
 

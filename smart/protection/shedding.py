@@ -15,11 +15,11 @@ from typing import Any
 
 import gevent
 
-from smart import errors
-from smart.admission import InFlightLimiter
-from smart.logs import REQUEST_LOGGED
-from smart.params import request_id_from
-from smart.telemetry import Telemetry
+from smart.edge import errors
+from smart.edge.params import request_id_from
+from smart.observability.logs import REQUEST_LOGGED
+from smart.observability.telemetry import Telemetry
+from smart.protection.admission import InFlightLimiter
 
 SMART_PATH = "/api/smart"
 _ADMITTED_METHODS = frozenset({"GET", "HEAD"})  # others get Flask's 405, no slot needed

@@ -2,7 +2,7 @@
 
 ``make run``, the tests and the benchmark use it in place of the real upstream. A
 ``/_sim/*`` control API on the same port scripts behaviours and reports what each call
-saw, including clients that gave up. Run it with ``python -m smart.simulator``.
+saw, including clients that gave up. Run it with ``python -m simulator``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 import os
 import random
 import signal
-import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
@@ -23,12 +22,11 @@ import gevent
 import gevent.event
 from gevent import monkey
 
-from smart.simulator_behaviours import BEHAVIOURS, Call, CallRecord, RawConnection, Step
-from smart.simulator_config import RUNTIME_OPTIONS, SimulatorConfig, parse_args
-from smart.simulator_http import Connection, Request, Response, Server
-from smart.simulator_process import SimulatorError, SimulatorProcess
+from simulator.behaviours import BEHAVIOURS, Call, CallRecord, RawConnection, Step
+from simulator.config import RUNTIME_OPTIONS, SimulatorConfig, parse_args
+from simulator.http_server import Connection, Request, Response, Server
 
-__all__ = ["Simulator", "SimulatorConfig", "SimulatorError", "SimulatorProcess", "main"]
+__all__ = ["Simulator", "SimulatorConfig", "main"]
 
 WORK_PATH = "/api/work"
 RECENT_LIMIT = 1000
@@ -254,7 +252,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     # First, before the server's sockets exist; imports alone patch nothing.
     monkey.patch_all()
     return serve(parse_args(argv, os.environ))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

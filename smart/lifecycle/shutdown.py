@@ -12,7 +12,7 @@ from types import FrameType
 
 import gevent
 
-from smart.runtime import Runtime
+from smart.lifecycle.runtime import Runtime
 
 log = logging.getLogger("smart")
 

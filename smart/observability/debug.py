@@ -13,7 +13,7 @@ import os
 from flask import Blueprint, Response, current_app
 from greenlet import greenlet
 
-from smart.runtime import Runtime
+from smart.lifecycle.runtime import Runtime
 
 bp = Blueprint("debug", __name__)
 

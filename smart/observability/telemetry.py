@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from smart.config import Settings
-from smart.hedge import Attempt, HedgeResult
-from smart.metrics import Metrics, build_metrics
-from smart.outcome import Kind, Outcome
-from smart.tracing import Headers, RequestSpan, Tracing, tracing_from_env
+from smart.hedging.hedge import Attempt, HedgeResult
+from smart.hedging.outcome import Kind, Outcome
+from smart.observability.metrics import Metrics, build_metrics
+from smart.observability.tracing import Headers, RequestSpan, Tracing, tracing_from_env
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider

@@ -28,7 +28,7 @@ class SimulatorError(RuntimeError):
 
 
 class SimulatorProcess:
-    """A ``python -m smart.simulator`` child on 127.0.0.1 and a free port.
+    """A ``python -m simulator`` child on 127.0.0.1 and a free port.
 
     Options are the command-line options with underscores (``fixed_ms=50``; lists for
     ``failure_kinds``). ``SIMULATOR_*`` variables of the caller are not inherited: the
@@ -54,7 +54,7 @@ class SimulatorProcess:
         return None if self._proc is None else self._proc.pid
 
     def start(self) -> SimulatorProcess:
-        argv = [sys.executable, "-m", "smart.simulator", "--host", "127.0.0.1", "--port", "0"]
+        argv = [sys.executable, "-m", "simulator", "--host", "127.0.0.1", "--port", "0"]
         for name, value in self.options.items():
             if value is not None:
                 text = ",".join(value) if isinstance(value, list | tuple) else str(value)

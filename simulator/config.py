@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from smart.simulator_behaviours import Step
+from simulator.behaviours import Step
 
 # The production upstream's mix as far as it is known: errors, junk and hangs.
 DEFAULT_FAILURE_KINDS = (
@@ -154,7 +154,7 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Simula
     """The configuration from the command line, then ``SIMULATOR_*``, then defaults."""
     defaults = SimulatorConfig()
     parser = argparse.ArgumentParser(
-        prog="python -m smart.simulator",
+        prog="python -m simulator",
         description="Simulated upstream: GET /api/work with configurable latency and faults.",
     )
     for name, text in _HELP.items():

@@ -1,7 +1,7 @@
 """gunicorn's logger with a lean JSON access line, for the requests the app does not log.
 
 gunicorn's master loads it (``logger_class`` in gunicorn.conf.py) before gevent patches
-anything: it imports gunicorn and ``smart.logs`` only.
+anything: it imports gunicorn and ``smart.observability.logs`` only.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 from gunicorn.glogging import Logger
 
-from smart.logs import REQUEST_LOGGED
+from smart.observability.logs import REQUEST_LOGGED
 
 
 class JsonAccessLogger(Logger):  # type: ignore[misc]
