@@ -27,7 +27,7 @@ from werkzeug.test import TestResponse
 
 from smart.app import create_app
 from smart.config import Settings
-from tests.support import Gunicorn, wait_until
+from tests.support import Gunicorn, Servers, wait_until
 
 MAX_TIMEOUT_MS = 60_000
 REFUSED_UPSTREAM = "http://127.0.0.1:9/api/work"
@@ -206,14 +206,13 @@ SLOW_BYTE_EVERY_S = 0.5
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
+def server(module_servers: Servers) -> Gunicorn:
     env = {
         "SMART_UPSTREAM_URL": REFUSED_UPSTREAM,
         "SMART_KEEPALIVE_S": str(KEEPALIVE_S),
         "SMART_LOG_REQUESTS": "false",
     }
-    with Gunicorn(env, workers=1, tmp_path=tmp_path_factory.mktemp("bad-input")) as gunicorn:
-        yield gunicorn
+    return module_servers.start(env, workers=1)
 
 
 def raw_exchange(port: int, data: bytes) -> bytes:

@@ -20,16 +20,10 @@ from smart.upstream.client import UpstreamClient
 PARALLEL = 4
 
 
-@pytest.fixture(scope="module")
-def sim() -> Iterator[SimulatorProcess]:
-    with SimulatorProcess(mode="fixed", fixed_ms=20, failure_rate=0.0) as process:
-        yield process
-
-
 @pytest.fixture
-def client(sim: SimulatorProcess) -> Iterator[UpstreamClient]:
-    sim.reset()
-    upstream = UpstreamClient(Settings(upstream_url=sim.work_url))
+def client(simulator: SimulatorProcess) -> Iterator[UpstreamClient]:
+    simulator.reset()
+    upstream = UpstreamClient(Settings(upstream_url=simulator.work_url))
     yield upstream
     upstream.close()
 
@@ -43,25 +37,25 @@ def attempts(client: UpstreamClient, count: int) -> None:
 
 
 def test_the_idle_sweep_keeps_healthy_connections_for_reuse(
-    sim: SimulatorProcess, client: UpstreamClient
+    simulator: SimulatorProcess, client: UpstreamClient
 ) -> None:
     attempts(client, PARALLEL)
     assert client.idle_connections() == PARALLEL
-    opened = sim.stats()["connections_total"]
+    opened = simulator.stats()["connections_total"]
     assert client.close_dropped_idle() == 0
     assert client.idle_connections() == PARALLEL
     attempts(client, PARALLEL)
     # Every attempt reused a pooled connection: the one new connection is the stats
     # request's own.
-    assert sim.stats()["connections_total"] == opened + 1
+    assert simulator.stats()["connections_total"] == opened + 1
 
 
 def test_the_idle_sweep_closes_connections_the_upstream_dropped() -> None:
-    sim = SimulatorProcess(mode="fixed", fixed_ms=20, failure_rate=0.0).start()
-    client = UpstreamClient(Settings(upstream_url=sim.work_url))
+    simulator = SimulatorProcess(mode="fixed", fixed_ms=20, failure_rate=0.0).start()
+    client = UpstreamClient(Settings(upstream_url=simulator.work_url))
     try:
         attempts(client, PARALLEL)
-        sim.stop()  # the upstream's FINs reach every idle pooled connection
+        simulator.stop()  # the upstream's FINs reach every idle pooled connection
         deadline = time.monotonic() + 5
         closed = 0
         while closed < PARALLEL and time.monotonic() < deadline:
@@ -70,5 +64,5 @@ def test_the_idle_sweep_closes_connections_the_upstream_dropped() -> None:
         assert closed == PARALLEL
         assert client.idle_connections() == 0
     finally:
-        sim.stop()
+        simulator.stop()
         client.close()

@@ -24,7 +24,7 @@ from gevent.pool import Pool
 
 from simulator.process import SimulatorProcess
 from smart.lifecycle.runtime import IDLE_SWEEP_INTERVAL_S
-from tests.support import Gunicorn, open_fds, wait_until
+from tests.support import Gunicorn, Servers, open_fds, wait_until
 
 #: The contract allows ±40 ms around each due time; a loaded 2-core CI box running
 #: gunicorn, the simulator and the tests at once stalls beyond that.
@@ -44,23 +44,17 @@ FD_SLACK = 6
 TRICKLE_BYTES = 12
 
 
-@pytest.fixture(scope="module")
-def simulator() -> Iterator[SimulatorProcess]:
-    with SimulatorProcess(mode="fixed", fixed_ms=10, failure_rate=0.0) as sim:
-        yield sim
+pytestmark = pytest.mark.simulator(mode="fixed", fixed_ms=10, failure_rate=0.0)
 
 
 @pytest.fixture(scope="module")
-def server(
-    simulator: SimulatorProcess, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gunicorn]:
+def server(simulator: SimulatorProcess, module_servers: Servers) -> Gunicorn:
     env = {
         "SMART_UPSTREAM_URL": simulator.work_url,
         "SMART_ATTEMPT_TIMEOUT_MS": str(int(ATTEMPT_LIMIT_S * 1000)),
         "SMART_DEBUG_ENDPOINTS": "true",
     }
-    with Gunicorn(env, workers=1, tmp_path=tmp_path_factory.mktemp("faults")) as gunicorn:
-        yield gunicorn
+    return module_servers.start(env, workers=1)
 
 
 @pytest.fixture

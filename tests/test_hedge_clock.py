@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 
 import gevent
 import pytest
@@ -33,25 +32,21 @@ PROMPTLY_S = 5.0
 
 blocking_sleep = get_original("time", "sleep")
 
-
-@pytest.fixture(scope="module")
-def sim() -> Iterator[SimulatorProcess]:
-    with SimulatorProcess(mode="fixed", fixed_ms=UPSTREAM_MS, failure_rate=0.0) as process:
-        yield process
+pytestmark = pytest.mark.simulator(mode="fixed", fixed_ms=UPSTREAM_MS, failure_rate=0.0)
 
 
-def wait_for_calls(sim: SimulatorProcess, in_flight: int) -> None:
+def wait_for_calls(simulator: SimulatorProcess, in_flight: int) -> None:
     deadline = time.monotonic() + PROMPTLY_S
-    while sim.stats()["in_flight"] < in_flight:
+    while simulator.stats()["in_flight"] < in_flight:
         assert time.monotonic() < deadline, "attempt 1 never reached the simulator"
         gevent.sleep(0.005)
 
 
 def test_an_answer_that_arrived_while_the_worker_was_busy_is_not_hedged(
-    sim: SimulatorProcess,
+    simulator: SimulatorProcess,
 ) -> None:
-    sim.reset()
-    client = UpstreamClient(Settings(upstream_url=sim.work_url))
+    simulator.reset()
+    client = UpstreamClient(Settings(upstream_url=simulator.work_url))
     try:
         runner = gevent.spawn(
             hedge,
@@ -62,7 +57,7 @@ def test_an_answer_that_arrived_while_the_worker_was_busy_is_not_hedged(
             deadline_s=None,
             held_by_worker=client.held_by_worker,
         )
-        wait_for_calls(sim, 1)
+        wait_for_calls(simulator, 1)
         blocking_sleep(BUSY_S)  # the answer arrives meanwhile; the hedge timer expires
         result = runner.get(timeout=PROMPTLY_S)
     finally:
@@ -70,13 +65,13 @@ def test_an_answer_that_arrived_while_the_worker_was_busy_is_not_hedged(
     assert isinstance(result, HedgeResult)
     assert result.attempts_started == 1
     assert result.trigger is None
-    assert sim.stats()["calls"] == 1
+    assert simulator.stats()["calls"] == 1
 
 
-def test_a_slow_upstream_is_still_hedged_at_the_delay(sim: SimulatorProcess) -> None:
-    sim.reset()
-    sim.by_attempt({1: {"kind": "ok", "delay_ms": 2000}})
-    client = UpstreamClient(Settings(upstream_url=sim.work_url))
+def test_a_slow_upstream_is_still_hedged_at_the_delay(simulator: SimulatorProcess) -> None:
+    simulator.reset()
+    simulator.by_attempt({1: {"kind": "ok", "delay_ms": 2000}})
+    client = UpstreamClient(Settings(upstream_url=simulator.work_url))
     try:
         started = time.monotonic()
         result = hedge(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -23,7 +23,7 @@ from gevent.pool import Pool
 
 from simulator.process import SimulatorProcess
 from smart.lifecycle.runtime import IDLE_SWEEP_INTERVAL_S
-from tests.support import Gunicorn, open_fds, wait_until
+from tests.support import Gunicorn, Servers, open_fds, wait_until
 
 #: Requests in the measured run, and in the warm-up before the baseline: enough for
 #: pools, caches and the allocator to reach their steady state first.
@@ -49,25 +49,18 @@ RSS_SLACK_BYTES = 12 * 1024 * 1024
 GREENLET_SLACK = 2
 
 
-@pytest.fixture(scope="module")
-def simulator() -> Iterator[SimulatorProcess]:
-    options = dict(mode="random", min_ms=5, max_ms=80, failure_rate=0.3, seed=11)
-    with SimulatorProcess(**options) as sim:
-        yield sim
+pytestmark = pytest.mark.simulator(mode="random", min_ms=5, max_ms=80, failure_rate=0.3, seed=11)
 
 
 @pytest.fixture(scope="module")
-def server(
-    simulator: SimulatorProcess, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gunicorn]:
+def server(simulator: SimulatorProcess, module_servers: Servers) -> Gunicorn:
     env = {
         "SMART_UPSTREAM_URL": simulator.work_url,
         "SMART_ATTEMPT_TIMEOUT_MS": str(ATTEMPT_LIMIT_MS),
         "SMART_DEBUG_ENDPOINTS": "true",
         "SMART_LOG_REQUESTS": "false",
     }
-    with Gunicorn(env, workers=2, tmp_path=tmp_path_factory.mktemp("leaks")) as gunicorn:
-        yield gunicorn
+    return module_servers.start(env, workers=2)
 
 
 def get(server: Gunicorn, query: str) -> int:

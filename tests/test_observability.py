@@ -62,12 +62,6 @@ ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "smart-dashboard.json"
 
 
-@pytest.fixture(scope="module")
-def simulator() -> Iterator[SimulatorProcess]:
-    with SimulatorProcess(mode="fixed", fixed_ms=20, failure_rate=0.0) as sim:
-        yield sim
-
-
 @dataclass
 class Sent:
     """What the test sent and got back."""

@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import requests
 from gevent.pool import Pool
 
 from simulator.process import SimulatorProcess
-from tests.support import Gunicorn, scrape_total, wait_until
+from tests.support import Gunicorn, Servers, scrape_total, wait_until
 
 #: The cap of the server under test, and as many requests that hang upstream.
 CAP = 4
@@ -54,15 +53,10 @@ BUDGET_RATIO = 0.5
 BUDGET_REQUESTS = 20
 
 
-@pytest.fixture(scope="module")
-def simulator() -> Iterator[SimulatorProcess]:
-    with SimulatorProcess(mode="fixed", fixed_ms=5, failure_rate=0.0) as sim:
-        yield sim
-
-
-@pytest.fixture(autouse=True)
-def clean_simulator(simulator: SimulatorProcess) -> None:
-    simulator.reset()
+pytestmark = [
+    pytest.mark.simulator(mode="fixed", fixed_ms=5, failure_rate=0.0),
+    pytest.mark.usefixtures("clean_simulator"),
+]
 
 
 def get(
@@ -74,12 +68,9 @@ def get(
 
 
 @pytest.fixture(scope="module")
-def capped(
-    simulator: SimulatorProcess, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gunicorn]:
+def capped(simulator: SimulatorProcess, module_servers: Servers) -> Gunicorn:
     env = {"SMART_UPSTREAM_URL": simulator.work_url, "SMART_MAX_IN_FLIGHT": str(CAP)}
-    with Gunicorn(env, workers=1, tmp_path=tmp_path_factory.mktemp("capped")) as server:
-        yield server
+    return module_servers.start(env, workers=1)
 
 
 # --- the in-flight cap -----------------------------------------------------------------
@@ -262,17 +253,14 @@ def test_a_50_ms_timeout_is_honoured_against_a_fast_upstream(
 
 
 @pytest.fixture(scope="module")
-def budgeted(
-    simulator: SimulatorProcess, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gunicorn]:
+def budgeted(simulator: SimulatorProcess, module_servers: Servers) -> Gunicorn:
     env = {
         "SMART_UPSTREAM_URL": simulator.work_url,
         "SMART_HEDGE_BUDGET_RATIO": str(BUDGET_RATIO),
         "SMART_HEDGE_BUDGET_MIN_PER_S": "0",
         "SMART_HEDGE_BUDGET_WINDOW_S": "600",
     }
-    with Gunicorn(env, workers=1, tmp_path=tmp_path_factory.mktemp("budget")) as server:
-        yield server
+    return module_servers.start(env, workers=1)
 
 
 def test_the_hedge_budget_caps_hedges_at_its_share_of_first_attempts(

@@ -7,8 +7,6 @@ test measures what the upstream saw, not what the test process happened to notic
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import gevent
@@ -17,7 +15,7 @@ import requests
 from gevent.pool import Pool
 
 from simulator.process import SimulatorProcess
-from tests.support import Gunicorn, open_fds, wait_until
+from tests.support import Gunicorn, Servers, open_fds, wait_until
 
 #: The hedge delay under test (the contract's 300 ms).
 HEDGE_DELAY_S = 0.3
@@ -34,25 +32,12 @@ LEAK_REQUESTS = 300
 FD_SLACK = 40
 
 
-@pytest.fixture(scope="module")
-def simulator() -> Iterator[SimulatorProcess]:
-    with SimulatorProcess(mode="fixed", fixed_ms=20, failure_rate=0.0) as sim:
-        yield sim
+pytestmark = pytest.mark.usefixtures("clean_simulator")
 
 
 @pytest.fixture(scope="module")
-def server(
-    simulator: SimulatorProcess, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gunicorn]:
-    env = {"SMART_UPSTREAM_URL": simulator.work_url}
-    with Gunicorn(env, tmp_path=tmp_path_factory.mktemp("smart")) as gunicorn:
-        yield gunicorn
-
-
-@pytest.fixture(autouse=True)
-def clean_simulator(simulator: SimulatorProcess) -> None:
-    simulator.reset()
-    simulator.configure(mode="fixed", fixed_ms=20, failure_rate=0.0)
+def server(simulator: SimulatorProcess, module_servers: Servers) -> Gunicorn:
+    return module_servers.start({"SMART_UPSTREAM_URL": simulator.work_url}, workers=2)
 
 
 def get(server: Gunicorn, query: str = "", **kwargs: Any) -> requests.Response:
@@ -337,16 +322,13 @@ def test_health_never_touches_the_upstream(server: Gunicorn, simulator: Simulato
 
 
 @pytest.fixture(scope="module")
-def bounded_server(
-    simulator: SimulatorProcess, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gunicorn]:
+def bounded_server(simulator: SimulatorProcess, module_servers: Servers) -> Gunicorn:
     env = {
         "SMART_UPSTREAM_URL": simulator.work_url,
         "SMART_ATTEMPT_TIMEOUT_MS": "600",
         "SMART_HEDGE_DELAY_MS": "30",
     }
-    with Gunicorn(env, tmp_path=tmp_path_factory.mktemp("bounded")) as gunicorn:
-        yield gunicorn
+    return module_servers.start(env, workers=2)
 
 
 def test_without_a_timeout_a_hanging_upstream_still_ends_in_a_504(
@@ -361,11 +343,9 @@ def test_without_a_timeout_a_hanging_upstream_still_ends_in_a_504(
     assert response.elapsed.total_seconds() <= 0.03 + 0.6 + 5 * TOLERANCE_S
 
 
-def test_a_refused_upstream_is_a_prompt_502(tmp_path: Path) -> None:
-    with Gunicorn(
-        {"SMART_UPSTREAM_URL": "http://127.0.0.1:9/api/work"}, workers=1, tmp_path=tmp_path
-    ) as srv:
-        body = assert_error_shape(get(srv, "?timeout=5000"), 502, "upstream_failed")
+def test_a_refused_upstream_is_a_prompt_502(servers: Servers) -> None:
+    srv = servers.start({"SMART_UPSTREAM_URL": "http://127.0.0.1:9/api/work"})
+    body = assert_error_shape(get(srv, "?timeout=5000"), 502, "upstream_failed")
     assert [a["outcome"] for a in body["attempts"]] == ["connect_error"] * 3
 
 

@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -34,28 +34,16 @@ HTML = "text/html; charset=utf-8"
 REQUEST = b"GET /api/work HTTP/1.1\r\nHost: upstream\r\n\r\n"
 
 
-@pytest.fixture(scope="module")
-def sim() -> Iterator[SimulatorProcess]:
-    with SimulatorProcess(mode="fixed", fixed_ms=FIXED_MS, failure_rate=0) as process:
-        yield process
-
-
-@pytest.fixture(scope="module")
-def baseline(sim: SimulatorProcess) -> dict[str, Any]:
-    config: dict[str, Any] = sim.config()
-    return {name: value for name, value in config.items() if name not in ("host", "port")}
-
-
-@pytest.fixture(autouse=True)
-def fresh(sim: SimulatorProcess, baseline: dict[str, Any]) -> None:
-    sim.configure(**baseline)
-    sim.reset()
+pytestmark = [
+    pytest.mark.simulator(mode="fixed", fixed_ms=FIXED_MS, failure_rate=0),
+    pytest.mark.usefixtures("clean_simulator"),
+]
 
 
 def get_work(
-    sim: SimulatorProcess, headers: dict[str, str] | None = None
+    simulator: SimulatorProcess, headers: dict[str, str] | None = None
 ) -> tuple[int, http.client.HTTPResponse, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", sim.port, timeout=CLIENT_TIMEOUT_S)
+    conn = http.client.HTTPConnection("127.0.0.1", simulator.port, timeout=CLIENT_TIMEOUT_S)
     try:
         conn.request("GET", "/api/work", headers=headers or {})
         response = conn.getresponse()
@@ -64,8 +52,8 @@ def get_work(
         conn.close()
 
 
-def raw_call(sim: SimulatorProcess) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", sim.port), timeout=CLIENT_TIMEOUT_S)
+def raw_call(simulator: SimulatorProcess) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", simulator.port), timeout=CLIENT_TIMEOUT_S)
     sock.sendall(REQUEST)
     return sock
 
@@ -86,11 +74,11 @@ def read_until_error(sock: socket.socket) -> tuple[bytes, type[BaseException] | 
 
 
 def wait_for_stats(
-    sim: SimulatorProcess, predicate: Callable[[dict[str, Any]], bool]
+    simulator: SimulatorProcess, predicate: Callable[[dict[str, Any]], bool]
 ) -> dict[str, Any]:
     deadline = time.monotonic() + EVENT_DEADLINE_S
     while True:
-        stats: dict[str, Any] = sim.stats()
+        stats: dict[str, Any] = simulator.stats()
         if predicate(stats):
             return stats
         if time.monotonic() > deadline:
@@ -102,9 +90,11 @@ def last_call_closed(stats: dict[str, Any]) -> bool:
     return bool(stats["recent"]) and stats["recent"][-1]["client_closed"]
 
 
-def test_fixed_mode_answers_a_valid_payload_after_the_fixed_delay(sim: SimulatorProcess) -> None:
+def test_fixed_mode_answers_a_valid_payload_after_the_fixed_delay(
+    simulator: SimulatorProcess,
+) -> None:
     started = time.monotonic()
-    status, response, body = get_work(sim)
+    status, response, body = get_work(simulator)
     elapsed_ms = (time.monotonic() - started) * 1000
 
     assert status == 200
@@ -116,20 +106,22 @@ def test_fixed_mode_answers_a_valid_payload_after_the_fixed_delay(sim: Simulator
 
 
 def test_random_mode_draws_latency_within_bounds_and_failures_from_the_kinds(
-    sim: SimulatorProcess,
+    simulator: SimulatorProcess,
 ) -> None:
-    sim.configure(mode="random", min_ms=10, max_ms=40, failure_rate=0)
+    simulator.configure(mode="random", min_ms=10, max_ms=40, failure_rate=0)
     for _ in range(5):
-        status, _, body = get_work(sim)
+        status, _, body = get_work(simulator)
         assert status == 200
         assert 10 <= json.loads(body)["time"] <= 40 + TIMING_SLACK_MS
 
-    sim.configure(failure_rate=1, failure_kinds=["status_503"])
-    assert get_work(sim)[0] == 503
+    simulator.configure(failure_rate=1, failure_kinds=["status_503"])
+    assert get_work(simulator)[0] == 503
 
 
-def test_scripted_steps_are_consumed_in_order_before_the_default(sim: SimulatorProcess) -> None:
-    sim.script(
+def test_scripted_steps_are_consumed_in_order_before_the_default(
+    simulator: SimulatorProcess,
+) -> None:
+    simulator.script(
         [
             {"kind": "status", "status": 503, "delay_ms": 10},
             {"kind": "wrong_type"},
@@ -137,11 +129,11 @@ def test_scripted_steps_are_consumed_in_order_before_the_default(sim: SimulatorP
         ]
     )
 
-    assert get_work(sim)[0] == 503
-    assert json.loads(get_work(sim)[2]) == {"time": "12"}
-    assert 120 <= json.loads(get_work(sim)[2])["time"] <= 120 + TIMING_SLACK_MS
-    assert FIXED_MS <= json.loads(get_work(sim)[2])["time"] <= FIXED_MS + TIMING_SLACK_MS
-    kinds = [call["kind"] for call in sim.stats()["recent"]]
+    assert get_work(simulator)[0] == 503
+    assert json.loads(get_work(simulator)[2]) == {"time": "12"}
+    assert 120 <= json.loads(get_work(simulator)[2])["time"] <= 120 + TIMING_SLACK_MS
+    assert FIXED_MS <= json.loads(get_work(simulator)[2])["time"] <= FIXED_MS + TIMING_SLACK_MS
+    kinds = [call["kind"] for call in simulator.stats()["recent"]]
     assert kinds == ["status_503", "wrong_type", "ok", "ok"]
 
 
@@ -162,14 +154,14 @@ def test_scripted_steps_are_consumed_in_order_before_the_default(sim: SimulatorP
     ],
 )
 def test_complete_wrong_answers_are_well_framed_http(
-    sim: SimulatorProcess,
+    simulator: SimulatorProcess,
     step: dict[str, Any],
     status: int,
     content_type: str,
     body: bytes | None,
 ) -> None:
-    sim.script([step])
-    got_status, response, got_body = get_work(sim)
+    simulator.script([step])
+    got_status, response, got_body = get_work(simulator)
 
     assert got_status == status
     assert response.getheader("Content-Type") == content_type
@@ -180,26 +172,26 @@ def test_complete_wrong_answers_are_well_framed_http(
         assert response.getheader("Retry-After") == "1"
 
 
-def test_truncated_body_is_shorter_than_its_content_length(sim: SimulatorProcess) -> None:
-    sim.script([{"kind": "truncated"}])
+def test_truncated_body_is_shorter_than_its_content_length(simulator: SimulatorProcess) -> None:
+    simulator.script([{"kind": "truncated"}])
     with pytest.raises(http.client.IncompleteRead):
-        get_work(sim)
+        get_work(simulator)
 
 
-def test_huge_body_is_valid_json_of_the_requested_size(sim: SimulatorProcess) -> None:
-    sim.script([{"kind": "huge"}, {"kind": "huge", "size": 5000}])
+def test_huge_body_is_valid_json_of_the_requested_size(simulator: SimulatorProcess) -> None:
+    simulator.script([{"kind": "huge"}, {"kind": "huge", "size": 5000}])
 
-    _, _, body = get_work(sim)
+    _, _, body = get_work(simulator)
     assert len(body) == 1024 * 1024
     assert isinstance(json.loads(body)["time"], int)
-    assert len(get_work(sim)[2]) == 5000
+    assert len(get_work(simulator)[2]) == 5000
 
 
-def test_trickle_sends_a_valid_body_one_byte_per_interval(sim: SimulatorProcess) -> None:
+def test_trickle_sends_a_valid_body_one_byte_per_interval(simulator: SimulatorProcess) -> None:
     interval_ms = 20
-    sim.script([{"kind": "trickle", "interval_ms": interval_ms}])
+    simulator.script([{"kind": "trickle", "interval_ms": interval_ms}])
     started = time.monotonic()
-    status, _, body = get_work(sim)
+    status, _, body = get_work(simulator)
     elapsed_ms = (time.monotonic() - started) * 1000
 
     assert status == 200
@@ -207,9 +199,9 @@ def test_trickle_sends_a_valid_body_one_byte_per_interval(sim: SimulatorProcess)
     assert elapsed_ms >= (len(body) - 1) * interval_ms
 
 
-def test_endless_body_keeps_coming_until_the_client_leaves(sim: SimulatorProcess) -> None:
-    sim.script([{"kind": "endless"}])
-    conn = http.client.HTTPConnection("127.0.0.1", sim.port, timeout=CLIENT_TIMEOUT_S)
+def test_endless_body_keeps_coming_until_the_client_leaves(simulator: SimulatorProcess) -> None:
+    simulator.script([{"kind": "endless"}])
+    conn = http.client.HTTPConnection("127.0.0.1", simulator.port, timeout=CLIENT_TIMEOUT_S)
     conn.request("GET", "/api/work")
     response = conn.getresponse()
     assert response.status == 200
@@ -217,7 +209,7 @@ def test_endless_body_keeps_coming_until_the_client_leaves(sim: SimulatorProcess
     assert len(response.read(32 * 1024)) == 32 * 1024
     conn.close()
 
-    stats = wait_for_stats(sim, last_call_closed)
+    stats = wait_for_stats(simulator, last_call_closed)
     assert stats["in_flight"] == 0
 
 
@@ -231,18 +223,18 @@ def test_endless_body_keeps_coming_until_the_client_leaves(sim: SimulatorProcess
     ],
 )
 def test_broken_connections_end_as_their_kind_says(
-    sim: SimulatorProcess, kind: str, received: bytes, ending: type[BaseException] | None
+    simulator: SimulatorProcess, kind: str, received: bytes, ending: type[BaseException] | None
 ) -> None:
-    sim.script([{"kind": kind}])
-    with raw_call(sim) as sock:
+    simulator.script([{"kind": kind}])
+    with raw_call(simulator) as sock:
         got, got_ending = read_until_error(sock)
     assert got.startswith(received)
     assert got_ending is ending
 
 
-def test_reset_mid_body_sends_headers_and_half_the_body(sim: SimulatorProcess) -> None:
-    sim.script([{"kind": "reset_mid_body"}])
-    with raw_call(sim) as sock:
+def test_reset_mid_body_sends_headers_and_half_the_body(simulator: SimulatorProcess) -> None:
+    simulator.script([{"kind": "reset_mid_body"}])
+    with raw_call(simulator) as sock:
         got, ending = read_until_error(sock)
     head, _, body = got.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK")
@@ -262,36 +254,36 @@ def test_reset_mid_body_sends_headers_and_half_the_body(sim: SimulatorProcess) -
     ],
 )
 def test_http_clients_see_broken_connections_as_errors(
-    sim: SimulatorProcess, kind: str, error: type[Exception]
+    simulator: SimulatorProcess, kind: str, error: type[Exception]
 ) -> None:
-    sim.script([{"kind": kind}])
+    simulator.script([{"kind": kind}])
     with pytest.raises(error):
-        get_work(sim)
+        get_work(simulator)
 
 
-def test_hang_never_answers_and_notices_the_client_leaving(sim: SimulatorProcess) -> None:
-    sim.script([{"kind": "hang"}])
-    with raw_call(sim) as sock:
+def test_hang_never_answers_and_notices_the_client_leaving(simulator: SimulatorProcess) -> None:
+    simulator.script([{"kind": "hang"}])
+    with raw_call(simulator) as sock:
         sock.settimeout(HANG_PROBE_S)
         with pytest.raises(TimeoutError):
             sock.recv(1)
-        assert sim.stats()["in_flight"] == 1
+        assert simulator.stats()["in_flight"] == 1
 
-    stats = wait_for_stats(sim, last_call_closed)
+    stats = wait_for_stats(simulator, last_call_closed)
     assert stats["in_flight"] == 0
     assert stats["recent"][-1]["kind"] == "hang"
 
 
 def test_client_leaving_during_the_delay_is_recorded_and_the_call_abandoned(
-    sim: SimulatorProcess,
+    simulator: SimulatorProcess,
 ) -> None:
-    sim.script([{"kind": "ok", "delay_ms": 10_000}])
-    sock = raw_call(sim)
-    wait_for_stats(sim, lambda stats: stats["in_flight"] == 1)
+    simulator.script([{"kind": "ok", "delay_ms": 10_000}])
+    sock = raw_call(simulator)
+    wait_for_stats(simulator, lambda stats: stats["in_flight"] == 1)
     sock.close()
     closed_at = time.monotonic()
 
-    stats = wait_for_stats(sim, last_call_closed)
+    stats = wait_for_stats(simulator, last_call_closed)
     call = stats["recent"][-1]
     # Both sides read CLOCK_MONOTONIC, which is one clock for the whole host.
     assert call["client_closed_at"] - closed_at < CLOSE_NOTICE_S
@@ -299,39 +291,39 @@ def test_client_leaving_during_the_delay_is_recorded_and_the_call_abandoned(
     assert stats["in_flight"] == 0
     assert stats["client_closed"] == 1
     # Only the connection asking for the stats is still open.
-    wait_for_stats(sim, lambda stats: stats["connections_open"] == 1)
+    wait_for_stats(simulator, lambda stats: stats["connections_open"] == 1)
 
 
 def test_by_attempt_behaviour_is_sticky_and_yields_to_scripted_steps(
-    sim: SimulatorProcess,
+    simulator: SimulatorProcess,
 ) -> None:
-    sim.by_attempt({1: {"kind": "status", "status": 503}, "2": {"kind": "ok", "delay_ms": 0}})
+    simulator.by_attempt({1: {"kind": "status", "status": 503}, "2": {"kind": "ok", "delay_ms": 0}})
 
-    assert get_work(sim, {"X-Smart-Attempt": "1"})[0] == 503
-    assert json.loads(get_work(sim, {"X-Smart-Attempt": "2"})[2])["time"] < FIXED_MS
-    assert get_work(sim, {"X-Smart-Attempt": "1"})[0] == 503
-    assert json.loads(get_work(sim, {"X-Smart-Attempt": "3"})[2])["time"] >= FIXED_MS
-    sim.script([{"kind": "html"}])
-    assert get_work(sim, {"X-Smart-Attempt": "1"})[1].getheader("Content-Type") == HTML
+    assert get_work(simulator, {"X-Smart-Attempt": "1"})[0] == 503
+    assert json.loads(get_work(simulator, {"X-Smart-Attempt": "2"})[2])["time"] < FIXED_MS
+    assert get_work(simulator, {"X-Smart-Attempt": "1"})[0] == 503
+    assert json.loads(get_work(simulator, {"X-Smart-Attempt": "3"})[2])["time"] >= FIXED_MS
+    simulator.script([{"kind": "html"}])
+    assert get_work(simulator, {"X-Smart-Attempt": "1"})[1].getheader("Content-Type") == HTML
 
-    sim.reset()
-    assert get_work(sim, {"X-Smart-Attempt": "1"})[0] == 200
+    simulator.reset()
+    assert get_work(simulator, {"X-Smart-Attempt": "1"})[0] == 200
 
 
-def test_stats_count_work_calls_and_not_control_requests(sim: SimulatorProcess) -> None:
+def test_stats_count_work_calls_and_not_control_requests(simulator: SimulatorProcess) -> None:
     headers = {"X-Request-ID": "req-1", "X-Smart-Attempt": "2", "traceparent": "00-ab-cd-01"}
-    get_work(sim, headers)
-    get_work(sim)
-    sim.config()
-    sim.script([])
-    conn = http.client.HTTPConnection("127.0.0.1", sim.port, timeout=CLIENT_TIMEOUT_S)
+    get_work(simulator, headers)
+    get_work(simulator)
+    simulator.config()
+    simulator.script([])
+    conn = http.client.HTTPConnection("127.0.0.1", simulator.port, timeout=CLIENT_TIMEOUT_S)
     conn.request("GET", "/elsewhere")
     missing = conn.getresponse()
     assert missing.status == 404
     assert json.loads(missing.read())["error"] == "not_found"
     conn.close()
 
-    stats = sim.stats()
+    stats = simulator.stats()
     assert (stats["calls"], stats["completed"], stats["in_flight"]) == (2, 2, 0)
     assert stats["calls_by_attempt"] == {"2": 1, "none": 1}
     first, second = stats["recent"]
@@ -342,10 +334,10 @@ def test_stats_count_work_calls_and_not_control_requests(sim: SimulatorProcess) 
     assert not first["client_closed"]
 
 
-def test_keep_alive_serves_many_calls_on_one_connection(sim: SimulatorProcess) -> None:
-    sim.script([{"kind": "ok"}, {"kind": "status_503"}, {"kind": "ok"}])
-    before = sim.stats()["connections_total"]
-    conn = http.client.HTTPConnection("127.0.0.1", sim.port, timeout=CLIENT_TIMEOUT_S)
+def test_keep_alive_serves_many_calls_on_one_connection(simulator: SimulatorProcess) -> None:
+    simulator.script([{"kind": "ok"}, {"kind": "status_503"}, {"kind": "ok"}])
+    before = simulator.stats()["connections_total"]
+    conn = http.client.HTTPConnection("127.0.0.1", simulator.port, timeout=CLIENT_TIMEOUT_S)
     statuses = []
     for _ in range(3):
         conn.request("GET", "/api/work")
@@ -356,13 +348,13 @@ def test_keep_alive_serves_many_calls_on_one_connection(sim: SimulatorProcess) -
 
     assert statuses == [200, 503, 200]
     # One connection for the three calls, one for this stats request.
-    assert sim.stats()["connections_total"] - before == 2
+    assert simulator.stats()["connections_total"] - before == 2
 
 
-def test_pipelined_requests_are_answered_in_order(sim: SimulatorProcess) -> None:
-    sim.script([{"kind": "ok", "delay_ms": 300}, {"kind": "status_503"}])
-    with raw_call(sim) as sock:
-        wait_for_stats(sim, lambda stats: stats["in_flight"] == 1)
+def test_pipelined_requests_are_answered_in_order(simulator: SimulatorProcess) -> None:
+    simulator.script([{"kind": "ok", "delay_ms": 300}, {"kind": "status_503"}])
+    with raw_call(simulator) as sock:
+        wait_for_stats(simulator, lambda stats: stats["in_flight"] == 1)
         # Arrives while the first call sleeps: the socket turns readable with data.
         sock.sendall(REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
         got, ending = read_until_error(sock)
@@ -372,10 +364,10 @@ def test_pipelined_requests_are_answered_in_order(sim: SimulatorProcess) -> None
     assert json.loads(first.partition(b"\r\n\r\n")[2])["time"] >= 300
     assert second.startswith(b"503 Service Unavailable")
     assert ending is None
-    assert not sim.stats()["recent"][0]["client_closed"]
+    assert not simulator.stats()["recent"][0]["client_closed"]
 
 
-def test_a_seed_replays_the_same_sequence(sim: SimulatorProcess) -> None:
+def test_a_seed_replays_the_same_sequence(simulator: SimulatorProcess) -> None:
     options: dict[str, Any] = {
         "mode": "random",
         "min_ms": 0,
@@ -390,17 +382,17 @@ def test_a_seed_replays_the_same_sequence(sim: SimulatorProcess) -> None:
             get_work(process)
         return [call["kind"] for call in process.stats()["recent"]]
 
-    sim.configure(**options)
-    first = sequence(sim)
-    sim.reset()
-    assert sequence(sim) == first
+    simulator.configure(**options)
+    first = sequence(simulator)
+    simulator.reset()
+    assert sequence(simulator) == first
     assert len(set(first)) > 2
     with SimulatorProcess(**options) as other:
         assert sequence(other) == first
 
 
 def test_invalid_control_requests_are_400_and_change_nothing(
-    sim: SimulatorProcess, baseline: dict[str, Any]
+    simulator: SimulatorProcess, simulator_baseline: dict[str, Any]
 ) -> None:
     bad_requests: list[tuple[str, object]] = [
         ("/_sim/config", {"min_ms": 700}),
@@ -414,10 +406,10 @@ def test_invalid_control_requests_are_400_and_change_nothing(
     ]
     for path, body in bad_requests:
         with pytest.raises(SimulatorError, match="400"):
-            sim.request("POST", path, body)
+            simulator.request("POST", path, body)
 
-    assert sim.config()["min_ms"] == baseline["min_ms"]
-    assert sim.stats()["pending_steps"] == 0
+    assert simulator.config()["min_ms"] == simulator_baseline["min_ms"]
+    assert simulator.stats()["pending_steps"] == 0
 
 
 def test_options_come_from_the_command_line_then_the_environment() -> None:
@@ -443,9 +435,9 @@ def test_a_stop_signal_exits_cleanly_even_with_a_call_hanging(signum: int) -> No
             assert process.wait(STOP_DEADLINE_S) == 0
 
 
-def exchange(sim: SimulatorProcess, data: bytes) -> tuple[bytes, bool]:
+def exchange(simulator: SimulatorProcess, data: bytes) -> tuple[bytes, bool]:
     """Send raw bytes; everything answered, and whether the server then closed."""
-    with socket.create_connection(("127.0.0.1", sim.port), timeout=CLIENT_TIMEOUT_S) as sock:
+    with socket.create_connection(("127.0.0.1", simulator.port), timeout=CLIENT_TIMEOUT_S) as sock:
         sock.sendall(data)
         sock.settimeout(HANG_PROBE_S)
         received = b""
@@ -470,9 +462,9 @@ def exchange(sim: SimulatorProcess, data: bytes) -> tuple[bytes, bool]:
     ],
 )
 def test_connections_persist_as_the_http_version_and_connection_header_say(
-    sim: SimulatorProcess, request_head: bytes, closed: bool
+    simulator: SimulatorProcess, request_head: bytes, closed: bool
 ) -> None:
-    got, got_closed = exchange(sim, request_head)
+    got, got_closed = exchange(simulator, request_head)
     assert got.startswith(b"HTTP/1.1 200 OK\r\n")
     assert (b"Connection: close\r\n" in got) is closed
     assert got_closed is closed
@@ -492,14 +484,14 @@ def test_connections_persist_as_the_http_version_and_connection_header_say(
     ],
 )
 def test_requests_that_cannot_be_framed_are_400_and_the_connection_closed(
-    sim: SimulatorProcess, data: bytes
+    simulator: SimulatorProcess, data: bytes
 ) -> None:
-    got, closed = exchange(sim, data)
+    got, closed = exchange(simulator, data)
     head, _, body = got.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert json.loads(body)["error"] == "bad_request"
     assert closed
-    assert sim.stats()["calls"] == 0
+    assert simulator.stats()["calls"] == 0
 
 
 def read_until_error_or_idle(sock: socket.socket) -> tuple[bytes, type[BaseException] | None]:
@@ -518,10 +510,10 @@ def read_until_error_or_idle(sock: socket.socket) -> tuple[bytes, type[BaseExcep
         received += data
 
 
-def test_control_bodies_may_come_in_pieces_after_100_continue(sim: SimulatorProcess) -> None:
+def test_control_bodies_may_come_in_pieces_after_100_continue(simulator: SimulatorProcess) -> None:
     body = json.dumps({"steps": [{"kind": "html"}]}).encode()
     head = b"POST /_sim/script HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", sim.port), timeout=CLIENT_TIMEOUT_S) as sock:
+    with socket.create_connection(("127.0.0.1", simulator.port), timeout=CLIENT_TIMEOUT_S) as sock:
         sock.sendall(head % len(body))
         assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
         sock.sendall(body[:5])

@@ -3,7 +3,6 @@ of the simulated upstream over real sockets, which records the traceparent it go
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -26,15 +25,7 @@ CLIENT_TRACEPARENT = f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"
 CLOSED_WITHIN_S = 2.0
 
 
-@pytest.fixture(scope="module")
-def simulator() -> Iterator[SimulatorProcess]:
-    with SimulatorProcess(mode="fixed", fixed_ms=20, failure_rate=0.0) as sim:
-        yield sim
-
-
-@pytest.fixture(autouse=True)
-def clean_simulator(simulator: SimulatorProcess) -> None:
-    simulator.reset()
+pytestmark = pytest.mark.usefixtures("clean_simulator")
 
 
 @pytest.fixture
