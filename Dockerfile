@@ -1,5 +1,5 @@
 # Image of smart: gunicorn + gevent workers serving /api/smart on port 8080.
-# tests/test_container.py runs this file's COPY/ENV/CMD/HEALTHCHECK without a Docker
+# tests/e2e/test_container.py runs this file's COPY/ENV/CMD/HEALTHCHECK without a Docker
 # engine, so keep those instructions in their plain forms (exec-form CMD, KEY=VALUE ENV).
 
 # A Debian release in the tag keeps rebuilds on the same distribution.

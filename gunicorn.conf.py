@@ -4,7 +4,7 @@ Of smart this file imports only ``smart.config`` (and names ``smart.observabilit
 the standard library alone; never requests or anything that opens sockets: gunicorn's
 gevent worker monkey-patches *after* reading it, in each worker, and no app is
 preloaded so every worker builds its own session and pool after the fork
-(tests/test_gunicorn_conf.py checks what loading it imports).
+(tests/unit/test_gunicorn_conf.py checks what loading it imports).
 """
 
 import os

@@ -38,7 +38,7 @@ from simulator.process import SimulatorProcess
 from tests.support import Gunicorn, open_fds
 
 #: Allowed after the idle period, against the post-warm-up baseline (reasons as in
-#: tests/test_leaks.py): the idle upstream pool's descriptors, allocator noise in RSS.
+#: tests/e2e/test_leaks.py): the idle upstream pool's descriptors, allocator noise in RSS.
 FD_SLACK = 100
 RSS_SLACK_BYTES = 32 * 1024 * 1024
 GREENLET_SLACK = 2

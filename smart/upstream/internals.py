@@ -4,7 +4,7 @@
 hedge clock; they get those names from here. ``ASSUMPTIONS`` says what each relies on
 and why, and ``check`` tests it against the installed libraries: the worker runs it at
 start (a changed library stops the worker with the assumption's name instead of
-misbehaving quietly), and ``tests/test_internals.py`` runs it as one named test each.
+misbehaving quietly), and ``tests/unit/test_internals.py`` runs it as one named test each.
 Imports urllib3 and requests only.
 """
 

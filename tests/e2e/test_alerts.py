@@ -10,7 +10,7 @@ import subprocess
 from prometheus_client import CollectorRegistry
 
 from smart.observability.metrics import Metrics
-from tests.prometheus_tools import require
+from tests.e2e.prometheus_tools import require
 from tests.support import ROOT
 
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"

@@ -2,7 +2,7 @@
 
 Metrics are read back from each app's own registry (no PROMETHEUS_MULTIPROC_DIR in
 the test process); the multiprocess aggregation is checked end to end in
-tests/test_observability.py.
+tests/e2e/test_observability.py.
 """
 
 from __future__ import annotations

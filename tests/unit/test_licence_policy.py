@@ -10,7 +10,7 @@ from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "check_licenses.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "check_licenses.py"
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import itertools
 import runpy
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import gevent
 import pytest
@@ -24,11 +23,11 @@ from smart.hedging.hedge import AllAttemptsFailed, DeadlineExceeded, HedgeResult
 from smart.hedging.outcome import Kind, Outcome
 from smart.lifecycle.runtime import Runtime
 from smart.protection.admission import HedgeBudget, InFlightLimiter, LagController
-from tests.support import wait_until
+from tests.support import ROOT, wait_until
 
 #: A bound on waiting for something that should happen at once.
 PROMPTLY_S = 1.0
-GUNICORN_CONF = Path(__file__).resolve().parent.parent / "gunicorn.conf.py"
+GUNICORN_CONF = ROOT / "gunicorn.conf.py"
 
 
 # --- the in-flight cap ---------------------------------------------------------------

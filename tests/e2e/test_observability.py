@@ -25,7 +25,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from prometheus_client.parser import text_string_to_metric_families
 
 from simulator.process import SimulatorProcess
-from tests.prometheus_tools import SCRAPE_INTERVAL_S, PrometheusServer
+from tests.e2e.prometheus_tools import SCRAPE_INTERVAL_S, PrometheusServer
 from tests.support import ROOT, Gunicorn, scrape_total, wait_until
 
 #: Clients at once: enough that both workers accept connections, little for 2 cores.
