@@ -24,7 +24,6 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -35,6 +34,7 @@ import gevent  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from harness.gunicorn import Gunicorn  # noqa: E402
 from simulator.process import SimulatorProcess  # noqa: E402
 from smart.observability.access_log import JsonAccessLogger  # noqa: E402
 
@@ -42,65 +42,11 @@ from smart.observability.access_log import JsonAccessLogger  # noqa: E402
 UPSTREAM_MS = 20
 #: Time for the worker's pools and caches to warm up before measuring.
 WARMUP_S = 1.0
-START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 10.0
 REQUEST = b"GET /api/smart?timeout=2000 HTTP/1.1\r\nHost: bench\r\n\r\n"
 SETTINGS = {
     "on": {"SMART_METRICS": "true", "SMART_LOG_REQUESTS": "true", "SMART_ACCESS_LOG": "true"},
     "off": {"SMART_METRICS": "false", "SMART_LOG_REQUESTS": "false", "SMART_ACCESS_LOG": "false"},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Server:
-    """``gunicorn -c gunicorn.conf.py`` with one worker, its output in a file."""
-
-    def __init__(self, env: dict[str, str], workdir: Path) -> None:
-        self.port = free_port()
-        self.env = {
-            **os.environ,
-            **env,
-            "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{self.port} --workers 1",
-            "PROMETHEUS_MULTIPROC_DIR": str(workdir / "metrics"),
-            "SMART_KEEPALIVE_S": "1",
-        }
-        self.log = workdir / "server.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> "Server":
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n")
-                    if sock.recv(64).startswith(b"HTTP/1.1 200"):
-                        return self
-            except OSError:
-                pass
-            gevent.sleep(0.1)
-        raise RuntimeError("gunicorn did not start:\n" + self.log.read_text()[-2000:])
-
-    def __exit__(self, *exc_info: object) -> None:
-        assert self.proc is not None
-        self.proc.terminate()
-        try:
-            self.proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(STOP_TIMEOUT_S)
 
 
 def client(port: int, until: float, latencies: list[float], errors: list[int]) -> None:
@@ -228,7 +174,8 @@ def main() -> None:
             for name in ("on", "off"):
                 with tempfile.TemporaryDirectory(prefix="smart-bench-") as tmp:
                     env = {**SETTINGS[name], "SMART_UPSTREAM_URL": sim.work_url}
-                    with Server(env, Path(tmp)) as server:
+                    env = {**env, "SMART_KEEPALIVE_S": "1"}
+                    with Gunicorn(env, workers=1, tmp_path=Path(tmp)) as server:
                         results[name].append(measure(server.port, args.clients, args.seconds))
 
     print(
