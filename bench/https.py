@@ -26,7 +26,7 @@ import certifi
 
 from bench.processes import RAW, RESULTS, ROOT
 from bench.run import SIM_MODES, Point, machine, measure, serving
-from smart.simulator_process import SimulatorProcess
+from simulator import SimulatorProcess
 
 CONNECTIONS = (50, 500)
 #: The same work for every variant: a fixed in-flight cap (256 a worker, above 500
@@ -101,7 +101,7 @@ import json, sys, time
 from gevent import monkey
 monkey.patch_all()
 from smart.config import Settings
-from smart.upstream import UpstreamClient
+from smart.upstream.client import UpstreamClient
 url, ca, variant, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 client = UpstreamClient(Settings(upstream_url=url, upstream_ca_bundle=ca,
                                  upstream_tls_session_reuse=variant == "https_resumed"))
@@ -118,7 +118,7 @@ print(json.dumps({"cpu_us_per_attempt": (time.process_time() - cpu) / n * 1e6}))
 
 
 #: In-process variants: the three above, and requests' own TLS set-up (a new context
-#: per connection, the CA bundle loaded into each), as smart did before smart.tls.
+#: per connection, the CA bundle loaded into each), as smart did before smart.upstream.tls.
 MICRO_VARIANTS = (*VARIANTS, "https_stock")
 
 
