@@ -82,7 +82,7 @@ bench: $(STAMP)
 	@bash bench/bench.sh
 
 # HTTPS to the upstream beside plain HTTP, with and without TLS session resumption:
-# CPU, handshakes per request, p50/p99 (~3.5 minutes; bench/results/https.md).
+# CPU, handshakes per request, p50/p99 (~3 minutes; bench/results/https.md).
 bench-https: $(STAMP)
 	@bash bench/bench.sh --https
 

@@ -6,7 +6,7 @@ plain HTTP; HTTPS with a full handshake per new connection; HTTPS resuming the l
 TLS session. Every cancelled loser closes its connection, so hedges cost handshakes:
 the simulator counts them. Then, in-process, the client CPU of one attempt on a new
 connection (a full handshake, a resumed one, plain TCP): steady even on a busy box.
-Results in ``bench/results/https.json`` and ``https.md``. Bounded: about 3.5 minutes
+Results in ``bench/results/https.json`` and ``https.md``. Bounded: about 3 minutes
 (2 with ``--quick``; bench.sh stops it at 12).
 """
 
