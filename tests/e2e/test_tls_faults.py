@@ -2,8 +2,9 @@
 
 Each is a failed attempt with its own kind: a certificate smart must refuse or a
 broken TLS session is ``tls_error`` (OpenSSL's reason in the log), a handshake the
-upstream never finishes is bounded by the request's deadline, and a TCP close in
-the middle of the body is a truncation (``reset``), as over plain HTTP.
+upstream never finishes is bounded by the request's deadline, and a close in the
+middle of the body, TLS's own or TCP's, is a truncation (``reset``), as over plain
+HTTP.
 """
 
 from __future__ import annotations
@@ -95,14 +96,16 @@ def test_a_refused_certificate_or_broken_session_is_a_tls_error(
     assert wait_until(upstream.all_closed_by_client, CANCEL_WITHIN_S)
 
 
-def test_a_tcp_close_mid_body_over_tls_is_a_truncation(
-    server: Gunicorn, upstream: HostileTLSServer
+@pytest.mark.parametrize("mode", ["truncate", "close_notify"])
+def test_a_close_mid_body_over_tls_is_a_truncation(
+    server: Gunicorn, upstream: HostileTLSServer, mode: str
 ) -> None:
-    upstream.mode = "truncate"
-    response = get(server, "?timeout=2000", "fault-truncate")
+    # TLS's own close (close_notify) ends the session cleanly, but not the HTTP body.
+    upstream.mode = mode
+    response = get(server, "?timeout=2000", f"fault-{mode}")
     assert response.status_code == 502, response.text
     assert [a["outcome"] for a in response.json()["attempts"]] == ["reset"] * 3
-    assert all("IncompleteRead" in d for d in details(server, "fault-truncate"))
+    assert all("IncompleteRead" in d for d in details(server, f"fault-{mode}"))
 
 
 def test_a_handshake_never_finished_is_bounded_by_the_requests_deadline(

@@ -24,9 +24,18 @@ from gevent.server import StreamServer
 
 #: Modes: a valid answer; a certificate from a CA the client does not trust; a trusted
 #: certificate for another host; a trusted one that has expired; a handshake never
-#: answered; a bogus TLS record, or a TCP close with no TLS close, in the middle of
-#: the body.
-MODES = ("ok", "untrusted", "wrong_name", "expired", "no_handshake", "bad_record", "truncate")
+#: answered; in the middle of the body, a bogus TLS record, TLS's own close alert
+#: (close_notify), or a TCP close with no TLS close before it.
+MODES = (
+    "ok",
+    "untrusted",
+    "wrong_name",
+    "expired",
+    "no_handshake",
+    "bad_record",
+    "close_notify",
+    "truncate",
+)
 BODY = b'{"time": 42}'
 #: Header, then a body that promises more than the first part that is sent.
 PARTIAL_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n"
@@ -138,6 +147,10 @@ class HostileTLSServer:
             # Under the TLS layer: the client's next read meets a record it cannot open.
             _raw(tls).send(BOGUS_RECORD)
             self._hold(tls, seen)
+        elif seen.mode == "close_notify":
+            tls.sendall(PARTIAL_HEAD + PARTIAL_BODY)
+            with contextlib.suppress(OSError):
+                tls.unwrap()  # the alert is sent; the client's own may never come
         elif seen.mode == "truncate":
             tls.sendall(PARTIAL_HEAD + PARTIAL_BODY)
             _raw(tls).shutdown(socket.SHUT_RDWR)  # a FIN, with no close_notify before it
