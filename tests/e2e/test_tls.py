@@ -309,3 +309,26 @@ def test_new_tls_connections_resume_the_last_session_unless_turned_off(
     resumed = after["tls_resumed"] - before["tls_resumed"]
     assert handshakes == RESUME_ATTEMPTS
     assert resumed == (RESUME_ATTEMPTS - 1 if reuse else 0)
+
+
+#: Attempts one after another on one keep-alive connection.
+KEEP_ALIVE_ATTEMPTS = 10
+
+
+def test_an_idle_tls_connection_is_reused_and_the_idle_sweep_keeps_it(
+    simulator: SimulatorProcess,
+) -> None:
+    # TLS 1.3 sends session tickets after the handshake: bytes on an idle connection
+    # must not be taken for the upstream's close by the liveness check or the sweep.
+    client = UpstreamClient(
+        Settings(upstream_url=simulator.work_url, upstream_ca_bundle=simulator.ca_path)
+    )
+    try:
+        before = simulator.stats()["tls_handshakes"]
+        for _ in range(KEEP_ALIVE_ATTEMPTS):
+            assert client.fetch_once(1, 0.0, "tls-keep-alive", 5.0).ok
+            assert client.close_dropped_idle() == 0
+        after = simulator.stats()["tls_handshakes"]
+    finally:
+        client.close()
+    assert after - before - 1 == 1  # one connection; the other is the stats call's
