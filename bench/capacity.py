@@ -27,7 +27,7 @@ from typing import Any
 from bench import ideal
 from bench.processes import RAW, RESULTS
 from bench.run import Point, measure, serving
-from smart.simulator_process import SimulatorProcess
+from simulator.process import SimulatorProcess
 
 #: The simulator's failure kinds but the hang: "20% failures" that answer.
 ANSWERING_FAILURES = [
@@ -168,7 +168,7 @@ def row(p: Point, up: Upstream, variant: str, load_avg: float) -> dict[str, Any]
 def watch_cost_us() -> float:
     """CPU of watching one request's client socket (``ClientWatch``), in microseconds."""
     # The watcher needs gevent's loop, not patched sockets: a plain socket pair will do.
-    from smart.disconnect import ClientWatch  # noqa: PLC0415
+    from smart.edge.disconnect import ClientWatch  # noqa: PLC0415
 
     server, client = socket.socketpair()
     try:

@@ -17,7 +17,7 @@ import requests
 
 from bench.load import run_wrk
 from bench.processes import RAW, Server, usage
-from smart.simulator_process import SimulatorProcess
+from simulator.process import SimulatorProcess
 
 CAP = 8
 WRK_CONNECTIONS = 200

@@ -1,7 +1,8 @@
 """Every setting of smart, its default, unit and reason, in one place.
 
-Settings come only from ``SMART_*`` environment variables. This module imports
-nothing from the rest of the package.
+Settings come only from ``SMART_*`` environment variables, read by the workers' app
+factory and by ``gunicorn.conf.py`` alike. This module imports the standard library
+only: gunicorn's master loads it before gevent patches anything.
 """
 
 from __future__ import annotations
@@ -9,19 +10,26 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 PRODUCTION_UPSTREAM_URL = "https://exponea-engineering-assignment.appspot.com/api/work"
+#: What a secret of a URL is replaced with in logs, traces and error messages.
+REDACTED = "***"
+#: Secrets shorter than this are masked in the URL itself but not searched for in free
+#: text (an exception's message): masking "1" or "user" wherever it appears would
+#: garble every log line; an API key or a password worth the name is longer.
+MIN_SECRET_CHARS = 8
 
 
 class ConfigError(ValueError):
     """A setting from the environment is missing its rule; the message names it."""
 
 
-#: The value of a setting that the worker works out at start (``smart/capacity.py``).
+#: The value of a setting that the worker works out at start (``smart/protection/capacity.py``).
 AUTO = "auto"
 #: Requests in flight assumed by settings whose ``auto`` was not worked out: only an
 #: upstream client built on its own (a test) sees it; a worker's runtime resolves it.
@@ -42,6 +50,17 @@ class Settings:
     upstream_url: str = _setting(
         PRODUCTION_UPSTREAM_URL,
         "URL of the upstream endpoint that every attempt GETs.",
+    )
+    upstream_ca_bundle: str = _setting(
+        "",
+        "PEM file or directory of CA certificates that an https upstream's certificate "
+        "must chain to (empty: the certifi bundle requests ships). Verification is "
+        "never off.",
+    )
+    upstream_tls_session_reuse: bool = _setting(
+        True,
+        "Resume the last TLS session of an https upstream on each new connection, "
+        "sparing a full handshake (every cancelled loser closes its connection).",
     )
     hedge_delay_ms: int = _setting(
         300, "Start the hedges this long after attempt 1 if it has not succeeded.", minimum=0
@@ -139,6 +158,31 @@ class Settings:
         "Hedged attempts per second always allowed, so a quiet worker can still hedge.",
         minimum=0,
     )
+    # --- The server: read by gunicorn.conf.py in the master ---------------------------
+    bind: str = _setting(
+        "0.0.0.0:8080", 'Listening address (`GUNICORN_CMD_ARGS="--bind …"` also works).'
+    )
+    backlog: int = _setting(2048, "Kernel accept queue.", minimum=1)
+    graceful_timeout_s: int = _setting(
+        65,
+        "On SIGTERM, time in-flight requests get to finish (the largest `timeout` plus a margin).",
+        minimum=0,
+    )
+    keepalive_s: int = _setting(5, "Idle time of a client keep-alive connection.", minimum=0)
+    worker_heartbeat_s: int = _setting(
+        30, "A worker whose event loop is blocked this long is replaced.", minimum=1
+    )
+    worker_tmp_dir: str = _setting(
+        "/dev/shm",
+        "Where workers keep their heartbeat files: tmpfs, because a disk-backed /tmp can "
+        "stall the heartbeat under I/O load (the default is skipped where it does not exist).",
+    )
+    access_log: bool = _setting(
+        True,
+        "gunicorn's JSON access log line, on stdout, for every HTTP request the request "
+        "log does not already cover (all paths but `/api/smart`).",
+    )
+    # --- Logs and metrics -----------------------------------------------------------
     log_level: str = _setting("INFO", "Level of the application's JSON log.")
     log_requests: bool = _setting(True, "Write one JSON line per /api/smart request.")
     metrics: bool = _setting(
@@ -194,8 +238,21 @@ class Settings:
         parts = urlsplit(self.upstream_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(
-                f"SMART_UPSTREAM_URL must be an absolute http(s) URL, got {self.upstream_url!r}"
+                "SMART_UPSTREAM_URL must be an absolute http(s) URL, "
+                f"got {redact_url(self.upstream_url)!r}"
             )
+        if (
+            self.worker_connections is not None
+            and self.max_in_flight is not None
+            and self.worker_connections <= self.max_in_flight
+        ):
+            raise ConfigError(
+                f"SMART_WORKER_CONNECTIONS ({self.worker_connections}) must stay above "
+                f"SMART_MAX_IN_FLIGHT ({self.max_in_flight}): past the cap, requests must "
+                "reach the worker to get their 503"
+            )
+        if self.upstream_ca_bundle:
+            _check_ca_bundle(self.upstream_ca_bundle)
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"SMART_LOG_LEVEL must be a logging level, got {self.log_level!r}")
 
@@ -216,8 +273,60 @@ class Settings:
         return cls(**values)
 
     def public(self) -> dict[str, Any]:
-        """The settings as plain data, for the start-up log line."""
-        return dataclasses.asdict(self)
+        """The settings as plain data, for the start-up log line: no secrets."""
+        values = dataclasses.asdict(self)
+        values["upstream_url"] = redact_url(self.upstream_url)
+        return values
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Strings no log line may show: the upstream URL's credentials and keys."""
+        return url_secrets(self.upstream_url)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its user, password and every query value replaced by ``REDACTED``.
+
+    Credentials or API keys in the upstream URL must not reach logs or traces
+    (OpenTelemetry's ``url.full`` convention asks the same).
+    """
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{REDACTED}@{netloc.rpartition('@')[2]}"
+    query = parts.query
+    if query:
+        pairs = [(key, REDACTED) for key, _ in parse_qsl(query, keep_blank_values=True)]
+        query = urlencode(pairs, safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def url_secrets(url: str) -> tuple[str, ...]:
+    """The user, password and query values of ``url`` as they may appear in a message:
+    raw, decoded and percent-encoded; only those of ``MIN_SECRET_CHARS`` or more."""
+    parts = urlsplit(url)
+    raw = [parts.username or "", parts.password or ""]
+    raw += [value for _, value in parse_qsl(parts.query)]
+    found = {form for v in raw for form in (v, unquote(v), quote(unquote(v), safe=""))}
+    # Longest first, so that a secret containing another is masked whole.
+    return tuple(sorted((s for s in found if len(s) >= MIN_SECRET_CHARS), key=len, reverse=True))
+
+
+def _check_ca_bundle(path: str) -> None:
+    """Stop at boot on a bundle that would fail every attempt as a ``tls_error``."""
+    name = "SMART_UPSTREAM_CA_BUNDLE"
+    if os.path.isdir(path):
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ConfigError(f"{name} directory {path!r} is not readable")
+        return  # hashed directories are read lazily, per certificate, by OpenSSL
+    if not os.path.isfile(path):
+        raise ConfigError(f"{name} must be an existing PEM file or directory, got {path!r}")
+    try:
+        # Loaded now, not at the first attempt: a file without a certificate in it
+        # raises here (OpenSSL's "no certificate or crl found").
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(f"{name} {path!r} holds no usable CA certificate: {exc}") from None
 
 
 def env_name(field_name: str) -> str:

@@ -1,0 +1,284 @@
+"""The HTTP adapter under the upstream session: requests' own, minus per-call work
+that smart never uses.
+
+CPU spent in the HTTP client is the throughput ceiling of a worker (docs/PERFORMANCE.md
+measures each piece). Imports requests and urllib3 only, and their private names only
+through ``internals``; knows nothing of attempts.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import requests
+from gevent import getcurrent
+from gevent.monkey import get_original
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+from urllib3.util.connection import allowed_gai_family
+
+from smart.upstream.internals import DEFAULT_TIMEOUT, dns_host
+from smart.upstream.tls import remember_session
+
+#: The operating system's poll, even after gevent's patching: see ``is_connected``.
+_poll = get_original("select", "poll")
+
+#: What each watched attempt's greenlet is blocked on, from ``watch_attempt``: the
+#: socket and the poll(2) event that means the upstream has done its part.
+_watched: dict[Any, tuple[Any, int] | None] = {}
+
+
+@contextmanager
+def watch_attempt() -> Iterator[None]:
+    """Make the exchange run in this block visible to ``held_by_worker``."""
+    current = getcurrent()
+    _watched[current] = None
+    try:
+        yield
+    finally:
+        del _watched[current]
+
+
+def held_by_worker(greenlet: Any) -> bool:
+    """True when the watched attempt in ``greenlet`` waits for this process, not the upstream.
+
+    It is blocked on a socket event the kernel already has: the connection it is
+    opening is established (or refused), or the answer it is reading has arrived (or
+    the upstream closed). Only this worker has yet to get round to it. False while
+    the upstream has not done its part, and for a greenlet that is not watched.
+    """
+    blocked_on = _watched.get(greenlet)
+    if blocked_on is None:
+        return False
+    sock, event = blocked_on
+    if sock.fileno() < 0:
+        return False
+    poller = _poll()
+    poller.register(sock, event)
+    return bool(poller.poll(0))
+
+
+def _watch(sock: Any, event: int | None) -> None:
+    """What the current (watched) greenlet blocks on next; None: nothing we can see."""
+    current = getcurrent()
+    if current in _watched:
+        _watched[current] = None if event is None else (sock, event)
+
+
+def _addresses(host: str, port: int) -> list[tuple[Any, ...]]:
+    """Where to connect: an IP literal as it is, a name from ``getaddrinfo``.
+
+    Under gevent ``getaddrinfo`` runs in a thread pool, even for a literal: about
+    150 µs of CPU, and a turn of a busy event loop, per new connection.
+    """
+    literal = host.strip("[]")
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, literal)
+        except OSError:
+            continue
+        target = (literal, port) if family == socket.AF_INET else (literal, port, 0, 0)
+        return [(family, socket.SOCK_STREAM, 0, "", target)]
+    return socket.getaddrinfo(literal, port, allowed_gai_family(), socket.SOCK_STREAM)
+
+
+def _connect(address: tuple[str, int], timeout: Any, source: Any, options: Any) -> socket.socket:
+    """urllib3's ``create_connection``, with each socket watched while it connects."""
+    error: OSError | None = None
+    for family, kind, proto, _, target in _addresses(*address):
+        sock = socket.socket(family, kind, proto)
+        try:
+            for option in options or ():
+                sock.setsockopt(*option)
+            if timeout is not DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            if source:
+                sock.bind(source)
+            _watch(sock, select.POLLOUT)  # writable: connected, or refused
+            sock.connect(target)
+            # Connected. What follows until the answer's headers (a TLS handshake,
+            # sending the request) waits on the upstream, or on nothing: unwatched.
+            _watch(sock, None)
+            return sock
+        except OSError as exc:
+            error = exc
+            sock.close()
+        except BaseException:
+            # Killed while connecting (a cancelled attempt): no connection object owns
+            # this socket yet, so close it now rather than when it is collected.
+            sock.close()
+            raise
+    raise error if error is not None else OSError("getaddrinfo returned no address")
+
+
+class _AttemptWatch:
+    """Shows ``held_by_worker`` the socket a watched attempt is connecting or reading."""
+
+    sock: Any
+    host: str
+    port: int
+    timeout: Any
+    source_address: Any
+    socket_options: Any
+
+    def _new_conn(self) -> socket.socket:
+        if getcurrent() not in _watched:
+            return super()._new_conn()  # type: ignore[misc, no-any-return]
+        # urllib3's own error mapping, around a connect the watch can see.
+        try:
+            return _connect(
+                (dns_host(self), self.port), self.timeout, self.source_address, self.socket_options
+            )
+        except socket.gaierror as exc:
+            raise NameResolutionError(self.host, self, exc) from exc  # type: ignore[arg-type]
+        except TimeoutError as exc:
+            raise ConnectTimeoutError(
+                self, f"Connection to {self.host} timed out. (connect timeout={self.timeout})"
+            ) from exc
+        except OSError as exc:
+            message = f"Failed to establish a new connection: {exc}"
+            raise NewConnectionError(self, message) from exc  # type: ignore[arg-type]
+
+    def getresponse(self) -> Any:
+        _watch(self.sock, select.POLLIN)  # readable: the answer, or EOF, is here
+        return super().getresponse()  # type: ignore[misc]
+
+
+class _LivenessCheck:
+    """urllib3 asks ``is_connected`` of every pooled connection before reusing it.
+
+    Its answer is the same as urllib3's (not readable: neither EOF nor stray bytes),
+    but from one non-blocking poll(2). Under gevent, urllib3's own check goes through
+    gevent's cooperative ``select.poll``, which starts an io watcher and switches to
+    the hub even with a zero timeout: about a tenth of an attempt's CPU here.
+    """
+
+    sock: Any
+
+    @property
+    def is_connected(self) -> bool:
+        if self.sock is None:
+            return False
+        poller = _poll()
+        poller.register(self.sock, select.POLLIN)
+        return not poller.poll(0)
+
+
+class _Connection(_AttemptWatch, _LivenessCheck, HTTPConnection):
+    pass
+
+
+class _TLSConnection(_AttemptWatch, _LivenessCheck, HTTPSConnection):
+    def getresponse(self) -> Any:
+        sock = self.sock  # http.client lets go of it when the answer closes the connection
+        response = super().getresponse()
+        remember_session(self.ssl_context, sock)
+        return response
+
+
+class _Pool(HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+
+class _TLSPool(HTTPSConnectionPool):
+    ConnectionCls = _TLSConnection
+
+
+class UpstreamAdapter(HTTPAdapter):
+    """``HTTPAdapter`` with a cheap liveness check and a bare ``Response``.
+
+    ``build_response`` skips what requests does for a browser-like client: copying
+    headers into a new dict (urllib3's are already case-insensitive), guessing a text
+    encoding, and extracting cookies into a jar that smart never sends back.
+    """
+
+    #: Pools and request targets remembered per URL: at most this many URLs.
+    _CACHED_URLS = 8
+
+    def __init__(self, *args: Any, tls_context: ssl.SSLContext | None = None, **kwargs: Any):
+        #: The worker's one TLS context (``smart.upstream.tls``); None: requests' own,
+        #: one per connection.
+        self.tls_context = tls_context
+        super().__init__(*args, **kwargs)
+
+    def build_connection_pool_key_attributes(
+        self, request: requests.PreparedRequest, verify: Any, cert: Any = None
+    ) -> Any:
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(
+            request, verify, cert
+        )
+        if self.tls_context is not None and host_params["scheme"] == "https":
+            pool_kwargs.pop("ca_certs", None)
+            pool_kwargs.pop("ca_cert_dir", None)
+            pool_kwargs["ssl_context"] = self.tls_context
+        return host_params, pool_kwargs
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        """With the worker's context, nothing to set: its CAs are loaded already.
+
+        requests would set the bundle's path on the pool at every send, and urllib3
+        load that file into the context again at every new connection.
+        """
+        if self.tls_context is None or not url.lower().startswith("https"):
+            super().cert_verify(conn, url, verify, cert)  # type: ignore[no-untyped-call]
+            return
+        conn.cert_reqs = "CERT_REQUIRED"
+        conn.ca_certs = None
+        conn.ca_cert_dir = None
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
+        self._pools: dict[tuple[Any, ...], Any] = {}
+        self._targets: dict[str, str] = {}
+
+    def get_connection_with_tls_context(
+        self, request: requests.PreparedRequest, verify: Any, proxies: Any = None, cert: Any = None
+    ) -> Any:
+        """requests' own lookup, remembered per URL while the pool stays open.
+
+        Without proxies the answer depends on the URL and TLS settings alone, yet
+        requests parses the URL twice and rebuilds the pool key on every call: about
+        a twentieth of an attempt's CPU. A pool the manager closed is looked up again.
+        """
+        if proxies:
+            return super().get_connection_with_tls_context(request, verify, proxies, cert)
+        key = (request.url, verify, cert)
+        pool = self._pools.get(key)
+        if pool is None or getattr(pool, "pool", None) is None:
+            pool = super().get_connection_with_tls_context(request, verify, proxies, cert)
+            if len(self._pools) >= self._CACHED_URLS:
+                self._pools.clear()
+            self._pools[key] = pool
+        return pool
+
+    def request_url(self, request: requests.PreparedRequest, proxies: Any) -> str:
+        """The request target: without a proxy, the URL's path and query (remembered)."""
+        if proxies:
+            return str(super().request_url(request, proxies))
+        url = request.url or ""
+        target = self._targets.get(url)
+        if target is None:
+            target = request.path_url
+            if len(self._targets) >= self._CACHED_URLS:
+                self._targets.clear()
+            self._targets[url] = target
+        return target
+
+    def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
+        response = requests.Response()
+        response.status_code = resp.status
+        response.headers = resp.headers
+        response.raw = resp
+        response.reason = resp.reason
+        response.url = req.url or ""
+        response.request = req
+        response.connection = self
+        return response
