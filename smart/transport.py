@@ -7,6 +7,7 @@ measures each piece). Imports requests and urllib3 only; knows nothing of attemp
 
 from __future__ import annotations
 
+import http.client
 import select
 import socket
 from collections.abc import Iterator
@@ -114,6 +115,37 @@ def _connect(address: tuple[str, int], timeout: Any, source: Any, options: Any) 
     raise error if error is not None else OSError("getaddrinfo returned no address")
 
 
+#: Interim (1xx) responses skipped before a final one; more is an upstream gone wrong,
+#: and ending it early frees the attempt sooner than its time limit would.
+MAX_INTERIM_RESPONSES = 8
+
+
+class InterimResponseError(http.client.HTTPException):
+    """The upstream sent a 101 nobody asked for, or interim responses without end."""
+
+
+class _FinalResponse(http.client.HTTPResponse):
+    """http.client's response, reading past every interim (1xx) response, not just 100.
+
+    RFC 9110 section 15.2: a client must skip 1xx responses it does not expect.
+    http.client skips only 100 Continue and takes a 103 Early Hints or 102 Processing
+    as the final answer, of length 0: the connection then goes back to the pool with
+    the real answer still on its way, and the next request on it reads that one.
+    """
+
+    def _read_status(self) -> tuple[str, int, str]:
+        for _ in range(MAX_INTERIM_RESPONSES + 1):
+            version, status, reason = super()._read_status()  # type: ignore[misc]
+            if not 100 <= status < 200:
+                return version, status, reason
+            if status == 101:
+                # Switching protocols is only an answer to an Upgrade, which smart never
+                # sends: what follows on this connection is not HTTP/1.1.
+                raise InterimResponseError("101 Switching Protocols without an Upgrade")
+            http.client.parse_headers(self.fp)
+        raise InterimResponseError(f"more than {MAX_INTERIM_RESPONSES} interim responses")
+
+
 class _AttemptWatch:
     """Shows ``held_by_worker`` the socket a watched attempt is connecting or reading."""
 
@@ -169,11 +201,11 @@ class _LivenessCheck:
 
 
 class _Connection(_AttemptWatch, _LivenessCheck, HTTPConnection):
-    pass
+    response_class = _FinalResponse
 
 
 class _TLSConnection(_AttemptWatch, _LivenessCheck, HTTPSConnection):
-    pass
+    response_class = _FinalResponse
 
 
 class _Pool(HTTPConnectionPool):
