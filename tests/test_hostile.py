@@ -9,7 +9,6 @@ so a test can tell an answer that belongs to another request.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +89,71 @@ def test_interim_responses_are_skipped_and_every_answer_is_its_own_requests(
             assert answer.status_code == 200, answer.text
             assert answer.json()["request_id"] == f"interim-{n}"
             assert answer.headers["X-Smart-Attempts"] == "1"
+
+
+# --- payloads strict parsers reject ----------------------------------------------------
+
+#: 200s that ``json.loads`` accepts and RFC 8259 (and JavaScript's JSON.parse) do not.
+LENIENT = {
+    "nan": b'{"time": NaN}',
+    "infinity": b'{"time": 5, "load": Infinity}',
+    "minus-infinity": b'{"time": 5, "load": -Infinity}',
+    "duplicate-time": b'{"time": 5, "time": -1}',
+    "duplicate-nested": b'{"time": 5, "meta": {"a": 1, "a": 2}}',
+    "lone-high-surrogate": b'{"time": 5, "note": "\\ud800"}',
+    "lone-low-surrogate-key": b'{"time": 5, "\\udc00": 1}',
+}
+#: Escapes that are valid JSON: a surrogate pair, an escaped backslash before "ud800".
+STRICT_BUT_VALID = {
+    "surrogate-pair": b'{"time": 5, "note": "\\ud83d\\ude00"}',
+    "escaped-backslash": b'{"time": 5, "note": "\\\\ud800"}',
+}
+
+
+def by_request_id(bodies: dict[str, bytes]) -> Any:
+    def answer(request: Request) -> bool:
+        request.send(response(bodies[request.request_id]))
+        return True
+
+    return answer
+
+
+def test_payloads_that_strict_json_parsers_reject_are_invalid_attempts(tmp_path: Path) -> None:
+    with (
+        HostileUpstream(by_request_id({**LENIENT, **STRICT_BUT_VALID})) as upstream,
+        smart_for(upstream, tmp_path) as server,
+    ):
+        for name in LENIENT:
+            answer = get(server, name)
+            assert answer.status_code == 502, (name, answer.text)
+            assert outcomes(answer) == ["invalid_payload"] * 3, name
+        for name, body in STRICT_BUT_VALID.items():
+            answer = get(server, name)
+            assert answer.status_code == 200, (name, answer.text)
+            assert answer.content == body
+
+
+# --- framing the upstream gets wrong ----------------------------------------------------
+
+#: Content-Length values that declare no length: a superscript two (a digit to
+#: ``str.isdigit``, not to ``int``), a negative, hex, and an underscore that ``int``
+#: accepts. Sent as Latin-1, the bytes http.client decodes header values from.
+BAD_LENGTHS = {"superscript": "\u00b2", "negative": "-13", "hex": "0xd", "underscore": "1_3"}
+
+
+def test_an_invalid_content_length_is_a_broken_upstream_answer_not_a_bug_of_ours(
+    tmp_path: Path,
+) -> None:
+    def answer(request: Request) -> bool:
+        length = BAD_LENGTHS[request.request_id].encode("latin-1")  # as http.client reads it
+        request.send(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + length + b'\r\n\r\n{"time": 1234}'
+        )
+        return True  # and keep the connection open, as a keep-alive server does
+
+    with HostileUpstream(answer) as upstream, smart_for(upstream, tmp_path) as server:
+        for name in BAD_LENGTHS:
+            answer_ = get(server, name)
+            assert answer_.status_code == 502, (name, answer_.text)
+            assert outcomes(answer_) == ["reset"] * 3, name
