@@ -9,6 +9,7 @@ so a test can tell an answer that belongs to another request.
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +158,37 @@ def test_an_invalid_content_length_is_a_broken_upstream_answer_not_a_bug_of_ours
             answer_ = get(server, name)
             assert answer_.status_code == 502, (name, answer_.text)
             assert outcomes(answer_) == ["reset"] * 3, name
+
+
+# --- clients speaking HTTP smart does not ---------------------------------------------
+
+
+def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send ``data`` on a connection of its own; everything until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_transfer_coding_smart_cannot_decode_is_a_json_501_not_implemented(
+    tmp_path: Path,
+) -> None:
+    with (
+        HostileUpstream(lambda request: False) as upstream,
+        smart_for(upstream, tmp_path) as server,
+    ):
+        answer = raw_exchange(
+            server.port,
+            b"GET /api/smart HTTP/1.1\r\nHost: smart\r\n"
+            b"Transfer-Encoding: br, chunked\r\n\r\n0\r\n\r\n",
+        )
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 501 Not Implemented\r\n")
+        assert b"Content-Type: application/json" in head
+        error = json.loads(body)
+        assert error["error"] == "not_implemented"
+        assert error["message"] == "Transfer-Encoding 'br, chunked' is not supported"
+        assert upstream.requests == 0
