@@ -24,6 +24,13 @@ class Kind(StrEnum):
     ERROR = "error"  # a bug of ours; logged with its traceback
 
 
+class Limit(StrEnum):
+    """Which limit cut an attempt that timed out."""
+
+    CONNECT = "connect"  # SMART_CONNECT_TIMEOUT_MS: opening the connection, TLS included
+    ATTEMPT = "attempt"  # SMART_ATTEMPT_TIMEOUT_MS: the whole attempt
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """One finished attempt. Times are seconds from the start of the request."""
@@ -38,6 +45,8 @@ class Outcome:
     #: False for an attempt killed before its greenlet ever ran: the upstream never
     #: received it, so it is not counted as an upstream call.
     sent: bool = True
+    #: For a ``TIMEOUT``: the limit that ended it.
+    limit: Limit | None = None
 
     @property
     def ok(self) -> bool:

@@ -27,18 +27,33 @@ from urllib3.util.timeout import _DEFAULT_TIMEOUT
 #: The operating system's poll, even after gevent's patching: see ``is_connected``.
 _poll = get_original("select", "poll")
 
-#: What each watched attempt's greenlet is blocked on, from ``watch_attempt``: the
-#: socket and the poll(2) event that means the upstream has done its part.
-_watched: dict[Any, tuple[Any, int] | None] = {}
+
+class Exchange:
+    """What the transport saw of one watched attempt, for ``held_by_worker`` and for
+    the attempt to report which limit ended it."""
+
+    __slots__ = ("blocked_on", "connecting")
+
+    def __init__(self) -> None:
+        #: The socket and the poll(2) event that means the upstream has done its part.
+        self.blocked_on: tuple[Any, int] | None = None
+        #: Inside ``connect``: the TCP connect, then the TLS handshake. A timeout there
+        #: is the connect limit's, whatever exception urllib3 makes of it (a handshake
+        #: that times out is raised as a *read* timeout).
+        self.connecting = False
+
+
+#: The exchange of each watched attempt's greenlet, from ``watch_attempt``.
+_watched: dict[Any, Exchange] = {}
 
 
 @contextmanager
-def watch_attempt() -> Iterator[None]:
+def watch_attempt() -> Iterator[Exchange]:
     """Make the exchange run in this block visible to ``held_by_worker``."""
     current = getcurrent()
-    _watched[current] = None
+    exchange = _watched[current] = Exchange()
     try:
-        yield
+        yield exchange
     finally:
         del _watched[current]
 
@@ -51,10 +66,10 @@ def held_by_worker(greenlet: Any) -> bool:
     the upstream closed). Only this worker has yet to get round to it. False while
     the upstream has not done its part, and for a greenlet that is not watched.
     """
-    blocked_on = _watched.get(greenlet)
-    if blocked_on is None:
+    exchange = _watched.get(greenlet)
+    if exchange is None or exchange.blocked_on is None:
         return False
-    sock, event = blocked_on
+    sock, event = exchange.blocked_on
     if sock.fileno() < 0:
         return False
     poller = _poll()
@@ -64,9 +79,9 @@ def held_by_worker(greenlet: Any) -> bool:
 
 def _watch(sock: Any, event: int | None) -> None:
     """What the current (watched) greenlet blocks on next; None: nothing we can see."""
-    current = getcurrent()
-    if current in _watched:
-        _watched[current] = None if event is None else (sock, event)
+    exchange = _watched.get(getcurrent())
+    if exchange is not None:
+        exchange.blocked_on = None if event is None else (sock, event)
 
 
 def _addresses(host: str, port: int) -> list[tuple[Any, ...]]:
@@ -174,6 +189,15 @@ class _AttemptWatch:
         except OSError as exc:
             message = f"Failed to establish a new connection: {exc}"
             raise NewConnectionError(self, message) from exc  # type: ignore[arg-type]
+
+    def connect(self) -> None:
+        exchange = _watched.get(getcurrent())
+        if exchange is None:
+            super().connect()  # type: ignore[misc]
+            return
+        exchange.connecting = True
+        super().connect()  # type: ignore[misc]
+        exchange.connecting = False
 
     def getresponse(self) -> Any:
         _watch(self.sock, select.POLLIN)  # readable: the answer, or EOF, is here

@@ -29,8 +29,8 @@ from urllib3.exceptions import (
 )
 
 from smart.config import Settings
-from smart.outcome import Kind, Outcome
-from smart.transport import UpstreamAdapter, held_by_worker, watch_attempt
+from smart.outcome import Kind, Limit, Outcome
+from smart.transport import Exchange, UpstreamAdapter, held_by_worker, watch_attempt
 
 ATTEMPT_HEADER = "X-Smart-Attempt"
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -189,16 +189,24 @@ class UpstreamClient:
             prepared.headers.update(headers)
         timer = gevent.Timeout(limit_s)
         status: int | None = None
+        limit: Limit | None = None
+        exchange: Exchange | None = None
         try:
             timer.start()
-            with watch_attempt():
+            with watch_attempt() as exchange:
                 kind, status, body, detail = self._exchange(prepared, limit_s)
         except gevent.Timeout as expired:
             if expired is not timer:
                 raise
             kind, body, detail = Kind.TIMEOUT, None, f"no answer within {limit_s:g} s"
+            limit = Limit.ATTEMPT
         except Exception as exc:  # noqa: BLE001 - an attempt reports, it never raises
             kind, body, detail = classify(exc), None, _describe(exc)
+            if kind is Kind.TIMEOUT:
+                # Only while connecting does a socket timeout shorter than the attempt's
+                # apply: the rest of the exchange reads with the attempt's own limit.
+                connecting = exchange is not None and exchange.connecting
+                limit = Limit.CONNECT if connecting else Limit.ATTEMPT
         finally:
             timer.close()
         return Outcome(
@@ -209,6 +217,7 @@ class UpstreamClient:
             status=status,
             body=body,
             detail=detail,
+            limit=limit,
         )
 
     def _exchange(

@@ -17,6 +17,9 @@ import gevent
 import pytest
 import requests
 
+from smart import errors
+from smart.hedge import AllAttemptsFailed, HedgeResult, Trigger
+from smart.outcome import Kind, Limit, Outcome
 from tests.hostile import HostileUpstream, Request, response
 from tests.support import Gunicorn
 
@@ -192,3 +195,76 @@ def test_a_transfer_coding_smart_cannot_decode_is_a_json_501_not_implemented(
         assert error["error"] == "not_implemented"
         assert error["message"] == "Transfer-Encoding 'br, chunked' is not supported"
         assert upstream.requests == 0
+
+
+# --- which limit ended an attempt -------------------------------------------------------
+
+#: The server under test's connect limit: short, so a handshake that never finishes
+#: ends quickly, and far from the request's timeout so the two cannot be confused.
+CONNECT_LIMIT_MS = 300
+
+
+def test_a_tls_handshake_that_never_finishes_is_cut_at_the_connect_limit_and_says_so(
+    tmp_path: Path,
+) -> None:
+    # The upstream accepts the connection and reads the ClientHello, but never answers.
+    with HostileUpstream(lambda request: False) as upstream:
+        env = {
+            "SMART_UPSTREAM_URL": f"https://127.0.0.1:{upstream.port}/api/work",
+            "SMART_CONNECT_TIMEOUT_MS": str(CONNECT_LIMIT_MS),
+        }
+        with Gunicorn(env, workers=1, tmp_path=tmp_path) as server:
+            answer = get(server, "handshake", "?timeout=5000")
+    assert answer.status_code == 504, answer.text
+    error = answer.json()
+    assert outcomes(answer) == ["timeout"] * 3
+    assert error["message"] == (
+        f"all 3 upstream attempts timed out while connecting "
+        f"(SMART_CONNECT_TIMEOUT_MS: {CONNECT_LIMIT_MS} ms each)"
+    )
+
+
+#: The server under test's attempt limit, for an upstream that never answers.
+ATTEMPT_LIMIT_MS = 400
+#: How long the silent upstream holds a request: far beyond any limit under test.
+SILENT_S = 60.0
+
+
+def never_answers(request: Request) -> bool:
+    gevent.sleep(SILENT_S)
+    return False
+
+
+def test_an_upstream_that_never_answers_is_cut_at_the_attempt_limit_and_says_so(
+    tmp_path: Path,
+) -> None:
+    with HostileUpstream(never_answers) as upstream:
+        env = {"SMART_ATTEMPT_TIMEOUT_MS": str(ATTEMPT_LIMIT_MS)}
+        with smart_for(upstream, tmp_path, **env) as server:
+            answer = get(server, "silent", query="")
+    assert answer.status_code == 504, answer.text
+    assert outcomes(answer) == ["timeout"] * 3
+    assert answer.json()["message"] == (
+        f"all 3 upstream attempts timed out (SMART_ATTEMPT_TIMEOUT_MS: {ATTEMPT_LIMIT_MS} ms each)"
+    )
+
+
+def test_attempts_cut_by_different_limits_are_counted_by_limit() -> None:
+    def timed_out(number: int, limit: Limit) -> Outcome:
+        return Outcome(number, Kind.TIMEOUT, 0.0, 0.1, limit=limit)
+
+    attempts = (
+        timed_out(1, Limit.ATTEMPT),
+        timed_out(2, Limit.CONNECT),
+        timed_out(3, Limit.CONNECT),
+    )
+    result = HedgeResult(None, attempts, Trigger.DELAY, 0, 3.3)
+    error = errors.from_hedge_error(
+        AllAttemptsFailed(result), None, attempt_limit_ms=3000, connect_limit_ms=1000
+    )
+    assert (error.status, error.code) == (504, "upstream_timeout")
+    assert error.message == (
+        "all 3 upstream attempts timed out: 2 while connecting "
+        "(SMART_CONNECT_TIMEOUT_MS: 1000 ms), 1 before answering in full "
+        "(SMART_ATTEMPT_TIMEOUT_MS: 3000 ms)"
+    )
