@@ -47,6 +47,9 @@ class Outcome:
     sent: bool = True
     #: For a ``TIMEOUT``: the limit that ended it.
     limit: Limit | None = None
+    #: The kept-alive connection it took had been closed by the upstream before any
+    #: answer, so it was sent again at once on a new connection.
+    reconnected: bool = False
 
     @property
     def ok(self) -> bool:

@@ -104,6 +104,12 @@ class Telemetry:
         if self.metrics is not None:
             self.metrics.requests_in_flight.inc()
 
+    def reconnected(self, attempt: int) -> None:
+        """Attempt ``attempt`` is sent again on a new connection (counted as it happens:
+        a hedge cancelled afterwards still cost the upstream that call)."""
+        if self.metrics is not None:
+            self.metrics.reconnects(str(attempt)).inc()
+
     def limit_changed(self, limit: int) -> None:
         if self.metrics is not None:
             self.metrics.in_flight_limit.set(limit)
@@ -269,6 +275,7 @@ def log_fields(record: RequestRecord) -> dict[str, object]:
                 "sent": o.sent,
                 "status": o.status,
                 "detail": o.detail or None,
+                "reconnected": o.reconnected,
             }
             for o in result.outcomes
         ]

@@ -32,7 +32,7 @@ class Exchange:
     """What the transport saw of one watched attempt, for ``held_by_worker`` and for
     the attempt to report which limit ended it."""
 
-    __slots__ = ("blocked_on", "connecting")
+    __slots__ = ("blocked_on", "connecting", "fresh", "headers_read", "reconnected", "reused")
 
     def __init__(self) -> None:
         #: The socket and the poll(2) event that means the upstream has done its part.
@@ -41,6 +41,29 @@ class Exchange:
         #: is the connect limit's, whatever exception urllib3 makes of it (a handshake
         #: that times out is raised as a *read* timeout).
         self.connecting = False
+        #: The request went out on a kept-alive connection that had answered before.
+        self.reused = False
+        #: The answer's status line and headers arrived.
+        self.headers_read = False
+        #: Asked by the attempt: the next request must not take a pooled connection.
+        self.fresh = False
+        #: The attempt asked for that once already.
+        self.reconnected = False
+
+    @property
+    def stale(self) -> bool:
+        """The kept-alive connection failed before any answer: the upstream had closed it.
+
+        A server closes an idle connection whenever it likes (RFC 9112 section 9.6), so
+        a request can meet the close on its way. Nothing of it was answered, and a GET
+        is safe to send again (RFC 9110 section 9.2.2).
+        """
+        return self.reused and not self.headers_read
+
+    def reconnect(self) -> None:
+        """Send the next request on a new connection."""
+        self.fresh = self.reconnected = True
+        self.reused = self.headers_read = False
 
 
 #: The exchange of each watched attempt's greenlet, from ``watch_attempt``.
@@ -171,6 +194,8 @@ class _AttemptWatch:
     source_address: Any
     socket_options: Any
     _dns_host: str
+    #: Answers read on the current socket; one that has answered is a kept-alive one.
+    answers = 0
 
     def _new_conn(self) -> socket.socket:
         if getcurrent() not in _watched:
@@ -191,6 +216,7 @@ class _AttemptWatch:
             raise NewConnectionError(self, message) from exc  # type: ignore[arg-type]
 
     def connect(self) -> None:
+        self.answers = 0
         exchange = _watched.get(getcurrent())
         if exchange is None:
             super().connect()  # type: ignore[misc]
@@ -199,9 +225,21 @@ class _AttemptWatch:
         super().connect()  # type: ignore[misc]
         exchange.connecting = False
 
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        exchange = _watched.get(getcurrent())
+        if exchange is not None:
+            exchange.reused = self.sock is not None and self.answers > 0
+            exchange.headers_read = False
+        super().request(*args, **kwargs)  # type: ignore[misc]
+
     def getresponse(self) -> Any:
         _watch(self.sock, select.POLLIN)  # readable: the answer, or EOF, is here
-        return super().getresponse()  # type: ignore[misc]
+        response = super().getresponse()  # type: ignore[misc]
+        self.answers += 1
+        exchange = _watched.get(getcurrent())
+        if exchange is not None:
+            exchange.headers_read = True
+        return response
 
 
 class _LivenessCheck:
@@ -232,11 +270,26 @@ class _TLSConnection(_AttemptWatch, _LivenessCheck, HTTPSConnection):
     response_class = _FinalResponse
 
 
-class _Pool(HTTPConnectionPool):
+class _FreshOnRequest:
+    """Gives a watched attempt that asked for it (``Exchange.reconnect``) a connection
+    of its own: a pooled one it takes is closed first, and urllib3 then reconnects it.
+    """
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        conn = super()._get_conn(timeout)  # type: ignore[misc]
+        exchange = _watched.get(getcurrent())
+        if exchange is not None and exchange.fresh:
+            exchange.fresh = False
+            if conn.sock is not None:
+                conn.close()
+        return conn
+
+
+class _Pool(_FreshOnRequest, HTTPConnectionPool):
     ConnectionCls = _Connection
 
 
-class _TLSPool(HTTPSConnectionPool):
+class _TLSPool(_FreshOnRequest, HTTPSConnectionPool):
     ConnectionCls = _TLSConnection
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import select
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any, NoReturn
 
@@ -90,8 +90,12 @@ class UpstreamClient:
     share sockets between workers.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, on_reconnect: Callable[[int], None] | None = None
+    ) -> None:
         self._settings = settings
+        #: Told the attempt's number each time an attempt is sent again (``_exchange``).
+        self._on_reconnect = on_reconnect
         self.session = requests.Session()
         # Hedging is the retry policy, proxies and .netrc are not ours to pick up from
         # the environment, and upstream cookies must not leak between clients (attempts
@@ -194,7 +198,7 @@ class UpstreamClient:
         try:
             timer.start()
             with watch_attempt() as exchange:
-                kind, status, body, detail = self._exchange(prepared, limit_s)
+                kind, status, body, detail = self._exchange(prepared, number, limit_s, exchange)
         except gevent.Timeout as expired:
             if expired is not timer:
                 raise
@@ -218,17 +222,33 @@ class UpstreamClient:
             body=body,
             detail=detail,
             limit=limit,
+            reconnected=exchange is not None and exchange.reconnected,
         )
 
     def _exchange(
-        self, prepared: requests.PreparedRequest, limit_s: float | None
+        self,
+        prepared: requests.PreparedRequest,
+        number: int,
+        limit_s: float | None,
+        exchange: Exchange,
     ) -> tuple[Kind, int | None, bytes | None, str]:
         settings = self._settings
         # A backstop per socket operation; the real limits are the timers above.
         read_s = limit_s if limit_s is not None else settings.max_timeout_ms / 1000
-        response = self._adapter.send(
-            prepared, stream=True, timeout=(settings.connect_timeout_s, read_s)
-        )
+        timeout = (settings.connect_timeout_s, read_s)
+        try:
+            response = self._adapter.send(prepared, stream=True, timeout=timeout)
+        except requests.exceptions.ConnectionError:
+            if not exchange.stale:
+                raise
+            # The upstream closed the kept-alive connection as the request went out: it
+            # never saw the request. Failing the attempt would spend a hedge on this
+            # worker's timing; one new connection at once costs a handshake instead,
+            # within the attempt's own limits (docs/DESIGN.md).
+            exchange.reconnect()
+            if self._on_reconnect is not None:
+                self._on_reconnect(number)
+            response = self._adapter.send(prepared, stream=True, timeout=timeout)
         cap = settings.max_body_bytes
         declared = response.headers.get("Content-Length")
         if declared is not None:

@@ -21,7 +21,7 @@ from smart import errors
 from smart.hedge import AllAttemptsFailed, HedgeResult, Trigger
 from smart.outcome import Kind, Limit, Outcome
 from tests.hostile import HostileUpstream, Request, response
-from tests.support import Gunicorn
+from tests.support import Gunicorn, scrape_total
 
 #: How long the hostile upstream waits between a 1xx and its final answer: long
 #: enough that the final answer is not in the same segment as the interim one.
@@ -268,3 +268,40 @@ def test_attempts_cut_by_different_limits_are_counted_by_limit() -> None:
         "(SMART_CONNECT_TIMEOUT_MS: 1000 ms), 1 before answering in full "
         "(SMART_ATTEMPT_TIMEOUT_MS: 3000 ms)"
     )
+
+
+# --- kept-alive connections the upstream closes ---------------------------------------
+
+#: How long after its answer the dying upstream closes each connection. The issue saw
+#: ~20 ms; longer here, so that the next request reaches the connection before the
+#: close even on a loaded box, and meets it: the upstream never reads it.
+CLOSE_AFTER_S = 0.1
+
+
+def answers_once_then_closes(request: Request) -> bool:
+    request.send(response(echo(request)))
+    gevent.sleep(CLOSE_AFTER_S)  # the upstream's idle timeout, not a test's ordering
+    return False
+
+
+def test_a_kept_alive_connection_the_upstream_closes_costs_a_reconnect_not_a_hedge(
+    tmp_path: Path,
+) -> None:
+    with (
+        HostileUpstream(answers_once_then_closes) as upstream,
+        smart_for(upstream, tmp_path) as server,
+    ):
+        for n in range(SEQUENTIAL):
+            answer = get(server, f"dying-{n}")
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["request_id"] == f"dying-{n}"
+            assert answer.headers["X-Smart-Attempts"] == "1", answer.headers
+        reconnects = scrape_total(server, "smart_upstream_reconnects_total")
+        logged = [
+            a for line in server.request_lines() for a in line["attempts"] if a["reconnected"]
+        ]
+    # Requests after the first took the connection their predecessor had used, which
+    # the upstream closed without reading them: it answered every request it read.
+    assert reconnects >= 1
+    assert len(logged) == reconnects
+    assert upstream.requests == upstream.connections == SEQUENTIAL
