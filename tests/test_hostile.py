@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+import psutil
 import pytest
 import requests
 
@@ -21,7 +22,7 @@ from smart import errors
 from smart.hedge import AllAttemptsFailed, HedgeResult, Trigger
 from smart.outcome import Kind, Limit, Outcome
 from tests.hostile import HostileUpstream, Request, response
-from tests.support import Gunicorn, scrape_total
+from tests.support import Gunicorn, scrape_total, wait_until
 
 #: How long the hostile upstream waits between a 1xx and its final answer: long
 #: enough that the final answer is not in the same segment as the interim one.
@@ -305,3 +306,60 @@ def test_a_kept_alive_connection_the_upstream_closes_costs_a_reconnect_not_a_hed
     assert reconnects >= 1
     assert len(logged) == reconnects
     assert upstream.requests == upstream.connections == SEQUENTIAL
+
+
+# --- clients that never read their answers ----------------------------------------------
+
+#: The server under test's write limit: short, to keep the test quick.
+WRITE_TIMEOUT_MS = 1000
+#: A valid payload near SMART_MAX_BODY_BYTES, so that few answers fill the buffers.
+BIG_BODY = b'{"time": 1, "pad": "' + b"x" * 15_000 + b'"}'
+#: Requests the never-reading client pipelines: 2000 answers of 15 KB are ~30 MB, far
+#: more than the kernel buffers of both ends hold.
+PIPELINED = 2000
+#: The client's receive buffer: small (the kernel's minimum is about this), so that
+#: the server's writes stall after a few answers rather than a few hundred.
+CLIENT_RCVBUF = 4096
+#: How long the answers may take to fill the buffers before the write limit starts to
+#: count, on a loaded 2-core box: each is an upstream call through the worker.
+FILL_S = 5.0
+
+
+def big_answer(request: Request) -> bool:
+    request.send(response(BIG_BODY))
+    return True
+
+
+def served_connection(pid: int, client_port: int) -> bool:
+    return any(
+        c.raddr and c.raddr.port == client_port and c.status == "ESTABLISHED"
+        for c in psutil.Process(pid).net_connections("tcp")
+    )
+
+
+def test_a_client_that_pipelines_and_never_reads_loses_its_connection_at_the_write_limit(
+    tmp_path: Path,
+) -> None:
+    env = {"SMART_CLIENT_WRITE_TIMEOUT_MS": str(WRITE_TIMEOUT_MS)}
+    with HostileUpstream(big_answer) as upstream, smart_for(upstream, tmp_path, **env) as server:
+        (pid,) = server.worker_pids()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_RCVBUF)
+        sock.connect(("127.0.0.1", server.port))
+        client_port = sock.getsockname()[1]
+        request = b"GET /api/smart?timeout=2000 HTTP/1.1\r\nHost: smart\r\n\r\n"
+        sender = gevent.spawn(sock.sendall, request * PIPELINED)
+        try:
+            assert wait_until(lambda: served_connection(pid, client_port), FILL_S)
+            closed = wait_until(
+                lambda: not served_connection(pid, client_port),
+                FILL_S + WRITE_TIMEOUT_MS / 1000 * 2,
+            )
+            assert closed, "the worker still holds the connection of a client that never reads"
+        finally:
+            sender.kill(block=False)
+            sock.close()
+        assert upstream.requests < PIPELINED  # it stopped serving that client
+        logs = server.logs()
+    assert "did not read its answers" in logs
+    assert "Socket error processing request" not in logs  # no traceback for it
