@@ -164,6 +164,36 @@ def test_an_invalid_content_length_is_a_broken_upstream_answer_not_a_bug_of_ours
             assert outcomes(answer_) == ["reset"] * 3, name
 
 
+#: Answers that are not HTTP/1.1 a client can use, each a broken upstream answer
+#: (``reset``), never ``error``, which is kept for smart's own bugs.
+NOT_HTTP = {
+    "unasked-101": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+    "endless-interim": b"HTTP/1.1 103 Early Hints\r\n\r\n" * 12 + response(b'{"time": 1}'),
+    "status-1000": b"HTTP/1.1 1000 Big\r\nContent-Length: 11\r\n\r\n" + b'{"time": 1}',
+    "not-http": b"SSH-2.0-OpenSSH_9.6\r\n",
+    "bad-chunk-size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+    "two-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 11, 12\r\n\r\n" + b'{"time": 1}',
+    "too-many-headers": b"HTTP/1.1 200 OK\r\n"
+    + b"X-A: 1\r\n" * 150
+    + b"Content-Length: 11\r\n\r\n"
+    + b'{"time": 1}',
+    "bad-gzip": b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 11\r\n\r\n"
+    + b'{"time": 1}',
+}
+
+
+def test_answers_that_are_not_usable_http_are_resets_never_errors(tmp_path: Path) -> None:
+    def answer(request: Request) -> bool:
+        request.send(NOT_HTTP[request.request_id])
+        return True
+
+    with HostileUpstream(answer) as upstream, smart_for(upstream, tmp_path) as server:
+        for name in NOT_HTTP:
+            answer_ = get(server, name)
+            assert answer_.status_code == 502, (name, answer_.text)
+            assert outcomes(answer_) == ["reset"] * 3, name
+
+
 # --- clients speaking HTTP smart does not ---------------------------------------------
 
 
