@@ -1,5 +1,5 @@
 # Image of smart: gunicorn + gevent workers serving /api/smart on port 8080.
-# tests/test_container.py runs this file's COPY/ENV/CMD/HEALTHCHECK without a Docker
+# tests/e2e/test_container.py runs this file's COPY/ENV/CMD/HEALTHCHECK without a Docker
 # engine, so keep those instructions in their plain forms (exec-form CMD, KEY=VALUE ENV).
 
 # A Debian release in the tag keeps rebuilds on the same distribution.
@@ -28,9 +28,11 @@ RUN groupadd --system --gid 10001 smart \
 # Code stays owned by root: the service user can read it but not change it.
 COPY gunicorn.conf.py ./
 COPY smart/ ./smart/
+# The simulated upstream, for docker-compose's demo stack; the service never imports it.
+COPY simulator/ ./simulator/
 # Bytecode compiled once here, since PYTHONDONTWRITEBYTECODE (and a read-only root
 # filesystem) stop every worker from caching it at run time.
-RUN python -m compileall -q smart
+RUN python -m compileall -q smart simulator
 
 # gunicorn.conf.py reads these; PROMETHEUS_MULTIPROC_DIR is wiped and recreated there
 # at start, so every start begins with empty counters.

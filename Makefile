@@ -3,11 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-LINTED := smart tests $(wildcard bench scripts)
+LINTED := smart simulator harness tests $(wildcard bench scripts)
 CI_STAMP := $(VENV)/.ci-installed
 
 .PHONY: install run test lint fmt bench bench-profile soak clean licenses check-deploy \
-	check-alerts instrumentation-cost
+	check-alerts instrumentation-cost test-newest test-unit
 
 install: $(STAMP)
 
@@ -26,10 +26,26 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The unit layer alone, in seconds: no processes, no sockets but the in-process ones.
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+# The transport on the newest urllib3 and requests beside the pinned ones: the checks of
+# smart/upstream/internals.py and the tests of the upstream layer, in a virtualenv of their own.
+NEWEST := .venv-newest
+NEWEST_TESTS := tests/unit/test_internals.py tests/unit/test_upstream.py tests/e2e/test_connection_pool.py \
+	tests/e2e/test_hedge_clock.py tests/e2e/test_faults.py
+test-newest: $(STAMP)
+	@test -x $(NEWEST)/bin/python || $(PYTHON) -m venv $(NEWEST)
+	$(NEWEST)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(NEWEST)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade urllib3 requests
+	@$(NEWEST)/bin/python -c 'import requests, urllib3; print("newest: urllib3", urllib3.__version__, "requests", requests.__version__)'
+	$(NEWEST)/bin/python -m pytest -q $(NEWEST_TESTS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/ruff format --check $(LINTED)
-	$(BIN)/mypy smart
+	$(BIN)/mypy
 
 fmt: $(STAMP)
 	$(BIN)/ruff format $(LINTED)
@@ -80,4 +96,4 @@ instrumentation-cost: $(STAMP)
 	$(BIN)/python bench/instrumentation_cost.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(NEWEST) .pytest_cache .ruff_cache .mypy_cache

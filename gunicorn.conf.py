@@ -1,30 +1,34 @@
-"""gunicorn settings for smart: plain Python, every knob overridable from the environment.
+"""gunicorn settings for smart: plain Python, every knob from ``smart.config.Settings``.
 
-This file must not import smart, requests or anything that opens sockets: gunicorn's
+Of smart this file imports only ``smart.config`` (and names ``smart.observability.logs``), which use
+the standard library alone; never requests or anything that opens sockets: gunicorn's
 gevent worker monkey-patches *after* reading it, in each worker, and no app is
-preloaded so every worker builds its own session and pool after the fork.
+preloaded so every worker builds its own session and pool after the fork
+(tests/unit/test_gunicorn_conf.py checks what loading it imports).
 """
 
-import json
-import logging
 import os
 import shutil
 import tempfile
-import time
 from typing import Any
 
-# gunicorn's own logger base: part of the server, imports nothing of the app.
-from gunicorn.glogging import Logger
+# Standard library only, like this file: see smart/config.py and smart/observability/logs.py.
+from smart.config import ConfigError, Settings
+
+try:
+    settings = Settings.from_env()
+except ConfigError as error:
+    raise SystemExit(f"smart: {error}") from None
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
+def _web_concurrency() -> int:
+    """Worker processes: ``WEB_CONCURRENCY`` (the platforms' convention), else one per core."""
+    raw = os.environ.get("WEB_CONCURRENCY", "").strip()
     if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+        return os.cpu_count() or 1
+    if not raw.isdigit() or int(raw) < 1:
+        raise SystemExit(f"WEB_CONCURRENCY must be a positive integer, got {raw!r}")
+    return int(raw)
 
 
 # --- Application -------------------------------------------------------------------
@@ -34,34 +38,34 @@ preload_app = False
 
 # --- Server socket -----------------------------------------------------------------
 # Overridden by GUNICORN_CMD_ARGS="--bind ..." (gunicorn's own mechanism).
-bind = os.environ.get("SMART_BIND", "0.0.0.0:8080")
+bind = settings.bind
 # Connections waiting in the kernel while every worker is busy accepting.
-backlog = _env_int("SMART_BACKLOG", 2048)
+backlog = settings.backlog
 
 # --- Workers -----------------------------------------------------------------------
 # One process per core: the gevent loop of a worker uses one core at most.
-workers = _env_int("WEB_CONCURRENCY", os.cpu_count() or 1)
+workers = _web_concurrency()
 # gunicorn's gevent worker (`-k gevent`), except that the errors gunicorn answers
 # itself (414, 431, 400) are JSON like every other response. Resolved by name in the
-# master; smart/worker.py imports nothing but gunicorn.
-worker_class = "smart.worker.JsonErrorsGeventWorker"
-# Open client connections one worker accepts. Must stay above SMART_MAX_IN_FLIGHT so
-# that requests past the admission cap reach the app and get a fast 503 instead of
-# waiting unseen in the kernel backlog.
-worker_connections = _env_int("SMART_WORKER_CONNECTIONS", 4096)
-if _env_int("SMART_MAX_IN_FLIGHT", 0) >= worker_connections:
-    raise SystemExit("SMART_MAX_IN_FLIGHT must stay below SMART_WORKER_CONNECTIONS")
+# master; smart/lifecycle/worker.py imports nothing but gunicorn.
+worker_class = "smart.lifecycle.worker.JsonErrorsGeventWorker"
+# Open client connections one worker accepts; Settings checks that it stays above
+# SMART_MAX_IN_FLIGHT, so that requests past the admission cap reach the app and get
+# a fast 503 instead of waiting unseen in the kernel backlog.
+worker_connections = settings.worker_connections
 # For async workers this is a heartbeat, not a request timeout: a worker whose loop
 # has been blocked this long is killed and replaced.
-timeout = _env_int("SMART_WORKER_HEARTBEAT_S", 30)
+timeout = settings.worker_heartbeat_s
 # On SIGTERM in-flight requests get this long to finish: the longest `timeout` a client
 # may ask for (SMART_MAX_TIMEOUT_MS, 60 s) plus a margin.
-graceful_timeout = _env_int("SMART_GRACEFUL_TIMEOUT_S", 65)
+graceful_timeout = settings.graceful_timeout_s
 # Idle keep-alive time of client connections, in seconds.
-keepalive = _env_int("SMART_KEEPALIVE_S", 5)
+keepalive = settings.keepalive_s
 # Heartbeat files on tmpfs: a disk-backed /tmp can stall the heartbeat under I/O load.
-worker_tmp_dir = os.environ.get("SMART_WORKER_TMP_DIR") or (
-    "/dev/shm" if os.path.isdir("/dev/shm") else None
+worker_tmp_dir = (
+    settings.worker_tmp_dir
+    if os.path.isdir(settings.worker_tmp_dir) or "SMART_WORKER_TMP_DIR" in os.environ
+    else None
 )
 
 # --- Request limits (slow or hostile clients) --------------------------------------
@@ -73,103 +77,19 @@ limit_request_field_size = 8190
 # gunicorn >= 25.1 opens one under $HOME by default; smart does not use it.
 control_socket_disable = True
 
-
 # --- Logging -----------------------------------------------------------------------
-# gunicorn's own lines as JSON, like the application's: the access log on stdout, the
-# error log (start-up, worker lifecycle, tracebacks) on stderr. SMART_LOG_LEVEL sets
-# both gunicorn's and the application's level.
-loglevel = os.environ.get("SMART_LOG_LEVEL", "info").strip().lower() or "info"
-if loglevel not in ("debug", "info", "warning", "error", "critical"):
-    raise SystemExit(f"SMART_LOG_LEVEL must be a logging level, got {loglevel!r}")
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise SystemExit(f"{name} must be true or false, got {raw!r}")
-
-
-# One line per HTTP request the application does not log itself: /api/smart requests
-# have their own richer line in the request log (they set this environ key), every
-# other path gets an access line. SMART_ACCESS_LOG=false silences it.
-_access_log = _env_bool("SMART_ACCESS_LOG", True)
-REQUEST_LOGGED = "smart.request_logged"  # smart.telemetry.REQUEST_LOGGED
-
-
-#: Attributes every LogRecord has; anything else given as ``extra`` is a field.
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message",
-    "asctime",
-}
-
-
-class JsonLogFormatter(logging.Formatter):
-    """gunicorn's records as one JSON object per line: ts, level, logger, pid, msg and
-    the extra fields. Defined here rather than imported: this file must not import smart.
-    """
-
-    def format(self, record: logging.LogRecord) -> str:
-        created = record.created
-        line = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
-            + f".{int(created % 1 * 1000):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "pid": record.process,
-            "msg": record.getMessage(),
-        }
-        for key, value in vars(record).items():
-            if key not in _STANDARD:
-                line[key] = value
-        if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str, ensure_ascii=False)
-
-
-class JsonAccessLogger(Logger):
-    """gunicorn's logger with a lean access line of named fields.
-
-    The stock ``access`` first renders every request header and environ variable into
-    format atoms, about 140 us per request here; this one reads the few it logs.
-    """
-
-    def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> None:
-        if environ.get(REQUEST_LOGGED) or not self.access_log.isEnabledFor(logging.INFO):
-            return
-        status = str(resp.status).split(None, 1)[0]
-        self.access_log.info(
-            "access",
-            extra={
-                "remote_addr": environ.get("REMOTE_ADDR"),
-                "method": environ.get("REQUEST_METHOD"),
-                "path": environ.get("PATH_INFO"),
-                "query": environ.get("QUERY_STRING") or None,
-                "status": int(status) if status.isdigit() else status,
-                "bytes": getattr(resp, "sent", None),
-                "duration_ms": round(request_time.total_seconds() * 1000, 1),
-                "request_id": _header(resp.headers, "x-request-id"),
-                "user_agent": _header(getattr(req, "headers", req), "user-agent"),
-            },
-        )
-
-
-def _header(headers: Any, name: str) -> str | None:
-    for key, value in headers.items() if hasattr(headers, "items") else headers:
-        if key.lower() == name:
-            return str(value)
-    return None
-
-
-logger_class = JsonAccessLogger
+# gunicorn's own lines as JSON by the application's formatter (secrets of the upstream
+# URL masked): the access log on stdout, the error log (start-up, worker lifecycle,
+# tracebacks) on stderr. SMART_LOG_LEVEL sets both gunicorn's and the application's
+# level. The access log has a line for every request the request log does not cover
+# (smart/observability/access_log.py); SMART_ACCESS_LOG=false silences it.
+loglevel = settings.log_level.lower()
+logger_class = "smart.observability.access_log.JsonAccessLogger"
+_json = {"()": "smart.observability.logs.JsonFormatter", "secrets": list(settings.secrets)}
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"json": {"()": JsonLogFormatter}},
+    "formatters": {"json": _json},
     "handlers": {
         "stdout": {
             "class": "logging.StreamHandler",
@@ -183,17 +103,17 @@ logconfig_dict = {
         },
         "null": {"class": "logging.NullHandler"},
     },
-    "root": {"level": loglevel.upper(), "handlers": ["stdout"]},
+    "root": {"level": settings.log_level.upper(), "handlers": ["stdout"]},
     "loggers": {
         "gunicorn.error": {
-            "level": loglevel.upper(),
+            "level": settings.log_level.upper(),
             "handlers": ["stderr"],
             "propagate": False,
             "qualname": "gunicorn.error",
         },
         "gunicorn.access": {
-            "level": "INFO" if _access_log else "CRITICAL",
-            "handlers": ["stdout" if _access_log else "null"],
+            "level": "INFO" if settings.access_log else "CRITICAL",
+            "handlers": ["stdout" if settings.access_log else "null"],
             "propagate": False,
             "qualname": "gunicorn.access",
         },

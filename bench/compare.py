@@ -69,7 +69,7 @@ def marked(argv: list[str], cwd: Path, marker: str, timeout: float) -> dict[str,
 MICRO_SCRIPT = """
 import json, sys
 from bench import micro
-from smart.simulator_process import SimulatorProcess
+from simulator.process import SimulatorProcess
 with SimulatorProcess(mode="fixed", fixed_ms=0, failure_rate=0.0) as sim:
     sides = {"base": micro.layers("smart_base", sim.work_url),
              "head": micro.layers("smart", sim.work_url)}

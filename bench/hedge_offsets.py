@@ -13,8 +13,8 @@ import statistics  # noqa: E402
 
 import requests  # noqa: E402
 
-from smart.simulator_process import SimulatorProcess  # noqa: E402
-from tests.support import Gunicorn  # noqa: E402
+from harness.gunicorn import Gunicorn  # noqa: E402
+from simulator.process import SimulatorProcess  # noqa: E402
 
 ROUNDS = 20
 OVERHEAD_REQUESTS = 200

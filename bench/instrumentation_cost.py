@@ -22,10 +22,8 @@ import datetime  # noqa: E402
 import io  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
-import runpy  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -36,71 +34,19 @@ import gevent  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from smart.simulator_process import SimulatorProcess  # noqa: E402
+from harness.gunicorn import Gunicorn  # noqa: E402
+from simulator.process import SimulatorProcess  # noqa: E402
+from smart.observability.access_log import JsonAccessLogger  # noqa: E402
 
 #: The simulated upstream's fixed answer time: the latency floor of every request.
 UPSTREAM_MS = 20
 #: Time for the worker's pools and caches to warm up before measuring.
 WARMUP_S = 1.0
-START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 10.0
 REQUEST = b"GET /api/smart?timeout=2000 HTTP/1.1\r\nHost: bench\r\n\r\n"
 SETTINGS = {
     "on": {"SMART_METRICS": "true", "SMART_LOG_REQUESTS": "true", "SMART_ACCESS_LOG": "true"},
     "off": {"SMART_METRICS": "false", "SMART_LOG_REQUESTS": "false", "SMART_ACCESS_LOG": "false"},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Server:
-    """``gunicorn -c gunicorn.conf.py`` with one worker, its output in a file."""
-
-    def __init__(self, env: dict[str, str], workdir: Path) -> None:
-        self.port = free_port()
-        self.env = {
-            **os.environ,
-            **env,
-            "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{self.port} --workers 1",
-            "PROMETHEUS_MULTIPROC_DIR": str(workdir / "metrics"),
-            "SMART_KEEPALIVE_S": "1",
-        }
-        self.log = workdir / "server.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> "Server":
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n")
-                    if sock.recv(64).startswith(b"HTTP/1.1 200"):
-                        return self
-            except OSError:
-                pass
-            gevent.sleep(0.1)
-        raise RuntimeError("gunicorn did not start:\n" + self.log.read_text()[-2000:])
-
-    def __exit__(self, *exc_info: object) -> None:
-        assert self.proc is not None
-        self.proc.terminate()
-        try:
-            self.proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(STOP_TIMEOUT_S)
 
 
 def client(port: int, until: float, latencies: list[float], errors: list[int]) -> None:
@@ -151,11 +97,11 @@ def micro(workdir: Path) -> dict[str, float]:
     """Microseconds of CPU each signal costs one request, measured in this process."""
     # Multiprocess storage, as under gunicorn: chosen when prometheus_client is imported.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(workdir)
-    from smart.hedge import HedgeResult, Trigger  # noqa: PLC0415
-    from smart.logs import JsonFormatter  # noqa: PLC0415
-    from smart.metrics import build_metrics  # noqa: PLC0415
-    from smart.outcome import Kind, Outcome  # noqa: PLC0415
-    from smart.telemetry import RequestRecord, log_fields, record_metrics  # noqa: PLC0415
+    from smart.hedging.hedge import HedgeResult, Trigger  # noqa: PLC0415
+    from smart.hedging.outcome import Kind, Outcome  # noqa: PLC0415
+    from smart.observability.logs import JsonFormatter  # noqa: PLC0415
+    from smart.observability.metrics import build_metrics  # noqa: PLC0415
+    from smart.observability.telemetry import RequestRecord, log_fields, record_metrics  # noqa: PLC0415
 
     metrics = build_metrics(3)
     ok = Outcome(1, Kind.SUCCESS, 0.0003, 0.02, status=200, body=b'{"time": 20}')
@@ -176,14 +122,13 @@ def micro(workdir: Path) -> dict[str, float]:
     handler.setFormatter(JsonFormatter())
     app_log.addHandler(handler)
 
-    conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
     access = logging.getLogger("gunicorn.access")
     access.propagate = False
     access.setLevel(logging.INFO)
     handler = logging.StreamHandler(io.StringIO())
-    handler.setFormatter(conf["JsonLogFormatter"]())
+    handler.setFormatter(JsonFormatter())
     access.handlers[:] = [handler]
-    logger = conf["JsonAccessLogger"].__new__(conf["JsonAccessLogger"])
+    logger = JsonAccessLogger.__new__(JsonAccessLogger)
     logger.access_log = access
 
     class Response:
@@ -229,7 +174,8 @@ def main() -> None:
             for name in ("on", "off"):
                 with tempfile.TemporaryDirectory(prefix="smart-bench-") as tmp:
                     env = {**SETTINGS[name], "SMART_UPSTREAM_URL": sim.work_url}
-                    with Server(env, Path(tmp)) as server:
+                    env = {**env, "SMART_KEEPALIVE_S": "1"}
+                    with Gunicorn(env, workers=1, tmp_path=Path(tmp)) as server:
                         results[name].append(measure(server.port, args.clients, args.seconds))
 
     print(

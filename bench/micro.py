@@ -24,7 +24,7 @@ from collections.abc import Callable  # noqa: E402
 
 from gevent.pool import Pool  # noqa: E402
 
-from smart.simulator_process import SimulatorProcess  # noqa: E402
+from simulator.process import SimulatorProcess  # noqa: E402
 
 Layer = Callable[[], object]
 

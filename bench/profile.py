@@ -22,7 +22,7 @@ from typing import Any
 
 from bench.load import run_wrk
 from bench.processes import RAW, Server, usage
-from smart.simulator_process import SimulatorProcess
+from simulator.process import SimulatorProcess
 
 #: Layers by the path py-spy prints for a frame's file. stdlib modules that are not a
 #: layer of their own (socket, abc, enum, re...) are charged to the frame that called them.

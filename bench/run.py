@@ -24,7 +24,7 @@ from typing import Any
 from bench import ideal, report
 from bench.load import REQUEST_TIMEOUT_S, LoadResult, run_wrk
 from bench.processes import RAW, RESULTS, Server, usage
-from smart.simulator_process import SimulatorProcess
+from simulator.process import SimulatorProcess
 
 #: After wrk stops: long enough for the server to see every client close and finish
 #: the requests wrk abandoned (a hung attempt ends at the 3 s attempt limit).

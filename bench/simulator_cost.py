@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import SCRIPT
-from smart.simulator_process import SimulatorProcess
+from simulator.process import SimulatorProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Connections are opened and the first calls answered before the count starts.

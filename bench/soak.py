@@ -34,11 +34,12 @@ from gevent.pool import Pool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from smart.simulator_process import SimulatorProcess
-from tests.support import Gunicorn, open_fds
+from harness.gunicorn import Gunicorn
+from simulator.process import SimulatorProcess
+from tests.support import open_fds
 
 #: Allowed after the idle period, against the post-warm-up baseline (reasons as in
-#: tests/test_leaks.py): the idle upstream pool's descriptors, allocator noise in RSS.
+#: tests/e2e/test_leaks.py): the idle upstream pool's descriptors, allocator noise in RSS.
 FD_SLACK = 100
 RSS_SLACK_BYTES = 32 * 1024 * 1024
 GREENLET_SLACK = 2
@@ -60,8 +61,6 @@ def main() -> int:
             "SMART_ATTEMPT_TIMEOUT_MS": "1000",
             "SMART_DEBUG_ENDPOINTS": "true",
             "SMART_LOG_REQUESTS": "false",
-            # Production's lag limit, which the test harness pins off.
-            "SMART_LOOP_LAG_TARGET_MS": "",
         }
         with Gunicorn(env, workers=2) as server:
             return soak(server, simulator, args.duration, args.concurrency, args.every)

@@ -47,6 +47,8 @@ done
 
 step hadolint "$BIN/hadolint" Dockerfile
 step yamllint "$BIN/yamllint" --strict .yamllint docker-compose.yml deploy/
+step "compose schema" "$BIN/check-jsonschema" --builtin-schema vendor.compose-spec \
+    docker-compose.yml
 for version in "${K8S_VERSIONS[@]}"; do
     step "kubernetes-validate $version" "$BIN/kubernetes-validate" --strict \
         --kubernetes-version "$version" "${manifests[@]}"
@@ -56,7 +58,7 @@ if docker compose version >/dev/null 2>&1; then
 else
     echo
     echo "== docker compose config: skipped, no compose plugin here" \
-        "(the structure is checked by check_deploy_config.py)"
+        "(the schema is checked by check-jsonschema)"
 fi
 step "deployment files agree" "$BIN/python" scripts/check_deploy_config.py
 step "runtime licences" "$BIN/python" scripts/check_licenses.py

@@ -1,5 +1,8 @@
 """Cross-file rules of the deployment files that schema validators cannot see.
 
+The schemas themselves are checked by tools (scripts/check-deploy.sh): compose by
+check-jsonschema's copy of the Compose Specification, Kubernetes by kubernetes-validate.
+
 docker-compose.yml, deploy/prometheus, deploy/grafana and deploy/k8s must agree with
 each other, with the Dockerfile and with gunicorn.conf.py: files that are mounted must
 exist, names that are referenced must be defined, and the shutdown timings must add
@@ -18,25 +21,12 @@ from urllib.parse import urlsplit
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from smart.config import Settings  # noqa: E402 - standard library only, like this script
+
 COMPOSE = ROOT / "docker-compose.yml"
 K8S = ROOT / "deploy" / "k8s"
 
-# Top-level and service keys of the Compose Specification (extensions are "x-*").
-COMPOSE_TOP_LEVEL = {"name", "services", "networks", "volumes", "configs", "secrets", "include"}
-SERVICE_KEY_WORDS = """
-annotations attach build blkio_config cap_add cap_drop cgroup cgroup_parent command
-configs container_name cpu_count cpu_percent cpu_period cpu_quota cpu_rt_period
-cpu_rt_runtime cpu_shares cpus cpuset credential_spec depends_on deploy develop
-device_cgroup_rules devices dns dns_opt dns_search domainname entrypoint env_file
-environment expose extends external_links extra_hosts gpus group_add healthcheck
-hostname image init ipc isolation label_file labels links logging mac_address
-mem_limit mem_reservation mem_swappiness memswap_limit network_mode networks
-oom_kill_disable oom_score_adj pid pids_limit platform ports post_start pre_stop
-privileged profiles pull_policy read_only restart runtime scale secrets security_opt
-shm_size stdin_open stop_grace_period stop_signal storage_opt sysctls tmpfs tty
-ulimits user userns_mode uts volumes volumes_from working_dir
-"""
-COMPOSE_SERVICE_KEYS = set(SERVICE_KEY_WORDS.split())
 SERVICES = ("smart", "simulator", "prometheus", "grafana")
 
 Check = Callable[[], Iterator[str]]
@@ -73,12 +63,8 @@ def dockerfile() -> dict[str, Any]:
 
 
 def graceful_timeout_s() -> int:
-    """gunicorn's graceful timeout default, as gunicorn.conf.py sets it."""
-    text = (ROOT / "gunicorn.conf.py").read_text()
-    match = re.search(r'_env_int\("SMART_GRACEFUL_TIMEOUT_S",\s*(\d+)\)', text)
-    if not match:
-        raise SystemExit("gunicorn.conf.py no longer reads SMART_GRACEFUL_TIMEOUT_S")
-    return int(match[1])
+    """gunicorn's graceful timeout default (``Settings``, which gunicorn.conf.py reads)."""
+    return int(Settings().graceful_timeout_s)
 
 
 def duration_s(value: str | int) -> float:
@@ -104,16 +90,10 @@ def bind_mounts(service: dict[str, Any]) -> Iterator[tuple[str, str]]:
 # --- docker-compose.yml -----------------------------------------------------------
 
 
-@check("compose: only Compose Specification keys, no obsolete `version`")
-def compose_keys() -> Iterator[str]:
-    data = compose()
-    for key in data:
-        if key not in COMPOSE_TOP_LEVEL and not key.startswith("x-"):
-            yield f"unknown top-level key {key!r}"
-    for name, service in data.get("services", {}).items():
-        for key in service:
-            if key not in COMPOSE_SERVICE_KEYS and not key.startswith("x-"):
-                yield f"service {name}: unknown key {key!r}"
+@check("compose: no obsolete top-level `version` (the schema still accepts it)")
+def compose_version() -> Iterator[str]:
+    if "version" in compose():
+        yield "remove `version`: Compose ignores it and warns on every command"
 
 
 @check("compose: the four services exist, each with a build or a pinned image")

@@ -1,10 +1,11 @@
 """List the licence of every runtime dependency and fail on any outside the allow-list.
 
-The runtime closure is what ``pip install -r requirements.txt`` puts into a fresh
-virtualenv (the same set the Docker image gets), walked from the requirements through
-each package's declared dependencies; development and CI tools never enter it. The
-licence data comes from pip-licenses (``--from=all``), which reports up to three
-declarations per package:
+The tools do the generic work: pip installs ``requirements.txt`` into a fresh
+virtualenv (the same set the Docker image gets, so everything in it but pip itself is
+a runtime dependency), pip-licenses reads each package's licence declarations from its
+installed metadata (``--from=all``), and license-expression parses SPDX expressions.
+This script keeps only smart's own rules: which licences are allowed, and how the
+non-SPDX declarations map onto them. pip-licenses reports up to three per package:
 
 - ``License-Expression``: an SPDX expression (PEP 639), the most precise;
 - ``License-Metadata``: the free-text ``License`` field, mapped through FREE_TEXT;
@@ -35,11 +36,9 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from importlib.metadata import Distribution, distributions
 from pathlib import Path
 
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
+from license_expression import AND, OR, ExpressionError, LicenseExpression, get_spdx_licensing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,7 +79,6 @@ CLASSIFIERS = {
 # package's licence file (protobuf's LICENSE is the 3-clause BSD text).
 FREE_TEXT = {
     "3-Clause BSD License": "BSD-3-Clause",  # protobuf
-    "BSD": "BSD",
     "BSD License": "BSD",
     "Apache 2.0": "Apache-2.0",
     "Apache License 2.0": "Apache-2.0",
@@ -90,30 +88,13 @@ FREE_TEXT = {
 }
 
 UNKNOWN = "UNKNOWN"
-SPDX_TOKEN = re.compile(r"\(|\)|[A-Za-z0-9.+-]+")
+# Free text that could be an expression; anything else (a whole licence pasted into the
+# field) is not parsed at all.
 SPDX_LIKE = re.compile(r"[A-Za-z0-9.+() -]+")
+# In the fresh virtualenv, everything but these came from the requirements.
+NOT_RUNTIME = ("pip", "setuptools", "wheel")
 
-# What environment markers evaluate against; the same keys packaging uses, read from the
-# interpreter that owns the packages, not from the one running this script.
-MARKER_ENVIRONMENT = """
-import json, os, platform, sys
-v = sys.implementation.version
-impl = f"{v.major}.{v.minor}.{v.micro}" + ("" if v.releaselevel == "final"
-                                          else v.releaselevel[0] + str(v.serial))
-print(json.dumps({"path": sys.path, "environment": {
-    "implementation_name": sys.implementation.name,
-    "implementation_version": impl,
-    "os_name": os.name,
-    "platform_machine": platform.machine(),
-    "platform_release": platform.release(),
-    "platform_system": platform.system(),
-    "platform_version": platform.version(),
-    "python_full_version": platform.python_version(),
-    "platform_python_implementation": platform.python_implementation(),
-    "python_version": ".".join(platform.python_version_tuple()[:2]),
-    "sys_platform": sys.platform,
-}}))
-"""
+_LICENSING = get_spdx_licensing()
 
 
 class LicenceError(ValueError):
@@ -130,49 +111,27 @@ class Verdict:
 
 
 def spdx_allowed(expression: str) -> bool:
-    """Evaluate an SPDX expression: AND needs both sides allowed, OR either."""
-    tokens = SPDX_TOKEN.findall(expression)
-    position = 0
+    """Whether an SPDX expression is allowed: AND needs every side allowed, OR one.
 
-    def take() -> str:
-        nonlocal position
-        if position >= len(tokens):
-            raise LicenceError(f"incomplete SPDX expression {expression!r}")
-        position += 1
-        return tokens[position - 1]
+    Not validated against the SPDX list: the classifier families ("BSD", "Apache")
+    are symbols of their own here. An exception (``WITH``) only grants permissions.
+    """
+    try:
+        parsed = _LICENSING.parse(expression)
+    except ExpressionError as error:
+        raise LicenceError(f"malformed SPDX expression {expression!r}: {error}") from None
+    if parsed is None:
+        raise LicenceError(f"empty SPDX expression {expression!r}")
+    return _allowed(parsed)
 
-    def peek() -> str | None:
-        return tokens[position] if position < len(tokens) else None
 
-    def factor() -> bool:
-        token = take()
-        if token == "(":
-            value = disjunction()
-            if take() != ")":
-                raise LicenceError(f"unbalanced SPDX expression {expression!r}")
-            return value
-        if peek() == "WITH":  # an exception only grants extra permissions
-            take(), take()
-        return token in ALLOWED
-
-    def conjunction() -> bool:
-        value = factor()
-        while peek() == "AND":
-            take()
-            value = factor() and value
-        return value
-
-    def disjunction() -> bool:
-        value = conjunction()
-        while peek() == "OR":
-            take()
-            value = conjunction() or value
-        return value
-
-    result = disjunction()
-    if position != len(tokens):
-        raise LicenceError(f"unexpected {tokens[position]!r} in {expression!r}")
-    return result
+def _allowed(node: LicenseExpression) -> bool:
+    if isinstance(node, AND):
+        return all(_allowed(part) for part in node.args)
+    if isinstance(node, OR):
+        return any(_allowed(part) for part in node.args)
+    symbol = getattr(node, "license_symbol", node)  # "X WITH exception" -> X
+    return str(symbol.key) in ALLOWED
 
 
 def judge(entry: dict[str, str]) -> Verdict:
@@ -227,50 +186,6 @@ def _judge(entry: dict[str, str]) -> Verdict:
     return Verdict(entry["Name"], entry["Version"], licence, "; ".join(declared), tuple(problems))
 
 
-def read_requirements(path: Path) -> list[Requirement]:
-    requirements: list[Requirement] = []
-    for raw in path.read_text().splitlines():
-        line = raw.split(" #")[0].strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith(("-r ", "--requirement ")):
-            requirements += read_requirements(path.parent / line.split(maxsplit=1)[1])
-        elif line.startswith("-"):
-            raise SystemExit(f"{path}: option {line!r} is not supported here")
-        else:
-            requirements.append(Requirement(line))
-    return requirements
-
-
-def runtime_closure(
-    requirements: list[Requirement], paths: list[str], environment: dict[str, str]
-) -> dict[str, Distribution]:
-    """Canonical name -> distribution of everything the requirements pull in."""
-    installed = {canonicalize_name(d.metadata["Name"]): d for d in distributions(path=paths)}
-    closure: dict[str, Distribution] = {}
-    seen: set[tuple[str, frozenset[str]]] = set()
-    pending = [(r.name, frozenset(r.extras)) for r in requirements]
-    while pending:
-        name, extras = pending.pop()
-        key = (canonicalize_name(name), extras)
-        if key in seen:
-            continue
-        seen.add(key)
-        distribution = installed.get(key[0])
-        if distribution is None:
-            raise SystemExit(f"{name} is required but not installed in the runtime env")
-        closure[key[0]] = distribution
-        for spec in distribution.requires or []:
-            requirement = Requirement(spec)
-            wanted = requirement.marker is None or any(
-                requirement.marker.evaluate({**environment, "extra": extra})
-                for extra in extras | {""}
-            )
-            if wanted:
-                pending.append((requirement.name, frozenset(requirement.extras)))
-    return closure
-
-
 def run(command: list[str]) -> str:
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -310,6 +225,30 @@ def render(verdicts: list[Verdict], requirements: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def installed_licences(requirements: Path, venv: Path) -> list[dict[str, str]]:
+    """pip-licenses' entries for what ``requirements`` installs into ``venv``."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        run([sys.executable, "-m", "venv", str(venv)])
+    pip = [str(python), "-m", "pip", "--disable-pip-version-check", "--quiet"]
+    run([*pip, "install", "--requirement", str(requirements)])
+    pip_licenses = Path(sys.executable).parent / "pip-licenses"
+    report = run(
+        [
+            str(pip_licenses),
+            f"--python={python}",
+            "--from=all",
+            # pip-licenses hides its own helpers (e.g. wcwidth) unless told; in this
+            # virtualenv every package but pip's own is a runtime dependency.
+            "--with-system",
+            "--ignore-packages",
+            *NOT_RUNTIME,
+            "--format=json",
+        ]
+    )
+    return sorted(json.loads(report), key=lambda e: e["Name"].lower())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requirements", type=Path, default=ROOT / "requirements.txt")
@@ -319,39 +258,9 @@ def main() -> int:
         help="reuse (or create) this virtualenv for the runtime install instead of a throwaway one",
     )
     arguments = parser.parse_args()
-
     with tempfile.TemporaryDirectory(prefix="smart-licences-") as scratch:
         venv = arguments.venv or Path(scratch) / "venv"
-        python = venv / "bin" / "python"
-        if not python.exists():
-            run([sys.executable, "-m", "venv", str(venv)])
-        pip = [str(python), "-m", "pip", "--disable-pip-version-check", "--quiet"]
-        run([*pip, "install", "--requirement", str(arguments.requirements)])
-        target = json.loads(run([str(python), "-c", MARKER_ENVIRONMENT]))
-        closure = runtime_closure(
-            read_requirements(arguments.requirements), target["path"], target["environment"]
-        )
-        pip_licenses = Path(sys.executable).parent / "pip-licenses"
-        report = json.loads(
-            run(
-                [
-                    str(pip_licenses),
-                    f"--python={python}",
-                    "--from=all",
-                    # pip-licenses hides its own helpers (e.g. wcwidth) unless told;
-                    # the closure above decides what counts instead.
-                    "--with-system",
-                    "--format=json",
-                ]
-            )
-        )
-
-    entries = {canonicalize_name(e["Name"]): e for e in report}
-    verdicts: list[Verdict] = []
-    for name in sorted(closure):
-        if name not in entries:
-            raise SystemExit(f"pip-licenses reported nothing for {name}")
-        verdicts.append(judge(entries[name]))
+        verdicts = [judge(e) for e in installed_licences(arguments.requirements, venv)]
 
     sys.stdout.write(render(verdicts, arguments.requirements))
     failures = [v for v in verdicts if v.problems]

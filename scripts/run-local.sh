@@ -18,7 +18,7 @@ stop_simulator() {
 trap stop_simulator EXIT
 
 if [ -z "${SMART_UPSTREAM_URL:-}" ]; then
-  "$bin/python" -m smart.simulator --host 127.0.0.1 --port "$sim_port" &
+  "$bin/python" -m simulator --host 127.0.0.1 --port "$sim_port" &
   sim_pid=$!
   export SMART_UPSTREAM_URL="http://127.0.0.1:${sim_port}/api/work"
   for _ in $(seq 100); do

@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING
 from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
-from smart import api, debug, errors, probes
 from smart.config import Settings
-from smart.logs import configure_logging
-from smart.params import request_id_from
-from smart.runtime import Runtime
-from smart.shedding import Shedder
-from smart.shutdown import drain_on_sigterm
+from smart.edge import api, errors
+from smart.edge.params import request_id_from
+from smart.lifecycle.runtime import Runtime
+from smart.lifecycle.shutdown import drain_on_sigterm
+from smart.observability import debug, probes
+from smart.observability.logs import configure_logging
+from smart.protection.shedding import Shedder
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -41,7 +42,7 @@ def create_app(
     """Build one worker's app; ``settings`` defaults to the environment's, and tracing
     to what the ``OTEL_*`` variables ask for unless a ``tracer_provider`` is given."""
     settings = Settings.from_env() if settings is None else settings
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.secrets)
     app = Flask("smart")
     runtime = Runtime.build(settings, tracer_provider)
     app.extensions["smart"] = runtime

@@ -1,7 +1,8 @@
 """Every setting of smart, its default, unit and reason, in one place.
 
-Settings come only from ``SMART_*`` environment variables. This module imports
-nothing from the rest of the package.
+Settings come only from ``SMART_*`` environment variables, read by the workers' app
+factory and by ``gunicorn.conf.py`` alike. This module imports the standard library
+only: gunicorn's master loads it before gevent patches anything.
 """
 
 from __future__ import annotations
@@ -12,9 +13,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 PRODUCTION_UPSTREAM_URL = "https://exponea-engineering-assignment.appspot.com/api/work"
+#: What a secret of a URL is replaced with in logs, traces and error messages.
+REDACTED = "***"
+#: Secrets shorter than this are masked in the URL itself but not searched for in free
+#: text (an exception's message): masking "1" or "user" wherever it appears would
+#: garble every log line; an API key or a password worth the name is longer.
+MIN_SECRET_CHARS = 8
 
 
 class ConfigError(ValueError):
@@ -117,6 +124,37 @@ class Settings:
         "Hedged attempts per second always allowed, so a quiet worker can still hedge.",
         minimum=0,
     )
+    # --- The server: read by gunicorn.conf.py in the master ---------------------------
+    bind: str = _setting(
+        "0.0.0.0:8080", 'Listening address (`GUNICORN_CMD_ARGS="--bind …"` also works).'
+    )
+    backlog: int = _setting(2048, "Kernel accept queue.", minimum=1)
+    worker_connections: int = _setting(
+        4096,
+        "Client connections one worker accepts; must stay above SMART_MAX_IN_FLIGHT so "
+        "excess load gets a fast 503 instead of waiting unseen in the kernel.",
+        minimum=1,
+    )
+    graceful_timeout_s: int = _setting(
+        65,
+        "On SIGTERM, time in-flight requests get to finish (the largest `timeout` plus a margin).",
+        minimum=0,
+    )
+    keepalive_s: int = _setting(5, "Idle time of a client keep-alive connection.", minimum=0)
+    worker_heartbeat_s: int = _setting(
+        30, "A worker whose event loop is blocked this long is replaced.", minimum=1
+    )
+    worker_tmp_dir: str = _setting(
+        "/dev/shm",
+        "Where workers keep their heartbeat files: tmpfs, because a disk-backed /tmp can "
+        "stall the heartbeat under I/O load (the default is skipped where it does not exist).",
+    )
+    access_log: bool = _setting(
+        True,
+        "gunicorn's JSON access log line, on stdout, for every HTTP request the request "
+        "log does not already cover (all paths but `/api/smart`).",
+    )
+    # --- Logs and metrics -----------------------------------------------------------
     log_level: str = _setting("INFO", "Level of the application's JSON log.")
     log_requests: bool = _setting(True, "Write one JSON line per /api/smart request.")
     metrics: bool = _setting(
@@ -173,7 +211,14 @@ class Settings:
         parts = urlsplit(self.upstream_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(
-                f"SMART_UPSTREAM_URL must be an absolute http(s) URL, got {self.upstream_url!r}"
+                "SMART_UPSTREAM_URL must be an absolute http(s) URL, "
+                f"got {redact_url(self.upstream_url)!r}"
+            )
+        if self.worker_connections <= self.max_in_flight:
+            raise ConfigError(
+                f"SMART_WORKER_CONNECTIONS ({self.worker_connections}) must stay above "
+                f"SMART_MAX_IN_FLIGHT ({self.max_in_flight}): past the cap, requests must "
+                "reach the worker to get their 503"
             )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"SMART_LOG_LEVEL must be a logging level, got {self.log_level!r}")
@@ -191,8 +236,43 @@ class Settings:
         return cls(**values)
 
     def public(self) -> dict[str, Any]:
-        """The settings as plain data, for the start-up log line."""
-        return dataclasses.asdict(self)
+        """The settings as plain data, for the start-up log line: no secrets."""
+        values = dataclasses.asdict(self)
+        values["upstream_url"] = redact_url(self.upstream_url)
+        return values
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Strings no log line may show: the upstream URL's credentials and keys."""
+        return url_secrets(self.upstream_url)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its user, password and every query value replaced by ``REDACTED``.
+
+    Credentials or API keys in the upstream URL must not reach logs or traces
+    (OpenTelemetry's ``url.full`` convention asks the same).
+    """
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{REDACTED}@{netloc.rpartition('@')[2]}"
+    query = parts.query
+    if query:
+        pairs = [(key, REDACTED) for key, _ in parse_qsl(query, keep_blank_values=True)]
+        query = urlencode(pairs, safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def url_secrets(url: str) -> tuple[str, ...]:
+    """The user, password and query values of ``url`` as they may appear in a message:
+    raw, decoded and percent-encoded; only those of ``MIN_SECRET_CHARS`` or more."""
+    parts = urlsplit(url)
+    raw = [parts.username or "", parts.password or ""]
+    raw += [value for _, value in parse_qsl(parts.query)]
+    found = {form for v in raw for form in (v, unquote(v), quote(unquote(v), safe=""))}
+    # Longest first, so that a secret containing another is masked whole.
+    return tuple(sorted((s for s in found if len(s) >= MIN_SECRET_CHARS), key=len, reverse=True))
 
 
 def env_name(field_name: str) -> str:

@@ -1,0 +1,1 @@
+"""A worker's life: its runtime, gunicorn's worker class and graceful shutdown."""

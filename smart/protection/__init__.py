@@ -1,0 +1,1 @@
+"""Self-protection of a worker: admission, its limits and shedding at the WSGI edge."""

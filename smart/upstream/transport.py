@@ -1,0 +1,356 @@
+"""The HTTP adapter under the upstream session: requests' own, minus per-call work
+that smart never uses.
+
+CPU spent in the HTTP client is the throughput ceiling of a worker (docs/PERFORMANCE.md
+measures each piece). Imports requests and urllib3 only, and their private names only
+through ``internals``; knows nothing of attempts.
+"""
+
+from __future__ import annotations
+
+import http.client
+import select
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import requests
+from gevent import getcurrent
+from gevent.monkey import get_original
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+from urllib3.util.connection import allowed_gai_family
+
+from smart.upstream.internals import DEFAULT_TIMEOUT, dns_host
+
+#: The operating system's poll, even after gevent's patching: see ``is_connected``.
+_poll = get_original("select", "poll")
+
+
+class Exchange:
+    """What the transport saw of one watched attempt, for ``held_by_worker`` and for
+    the attempt to report which limit ended it."""
+
+    __slots__ = ("blocked_on", "connecting", "fresh", "headers_read", "reconnected", "reused")
+
+    def __init__(self) -> None:
+        #: The socket and the poll(2) event that means the upstream has done its part.
+        self.blocked_on: tuple[Any, int] | None = None
+        #: Inside ``connect``: the TCP connect, then the TLS handshake. A timeout there
+        #: is the connect limit's, whatever exception urllib3 makes of it (a handshake
+        #: that times out is raised as a *read* timeout).
+        self.connecting = False
+        #: The request went out on a kept-alive connection that had answered before.
+        self.reused = False
+        #: The answer's status line and headers arrived.
+        self.headers_read = False
+        #: Asked by the attempt: the next request must not take a pooled connection.
+        self.fresh = False
+        #: The attempt asked for that once already.
+        self.reconnected = False
+
+    @property
+    def stale(self) -> bool:
+        """The kept-alive connection failed before any answer: the upstream had closed it.
+
+        A server closes an idle connection whenever it likes (RFC 9112 section 9.6), so
+        a request can meet the close on its way. Nothing of it was answered, and a GET
+        is safe to send again (RFC 9110 section 9.2.2).
+        """
+        return self.reused and not self.headers_read
+
+    def reconnect(self) -> None:
+        """Send the next request on a new connection."""
+        self.fresh = self.reconnected = True
+        self.reused = self.headers_read = False
+
+
+#: The exchange of each watched attempt's greenlet, from ``watch_attempt``.
+_watched: dict[Any, Exchange] = {}
+
+
+@contextmanager
+def watch_attempt() -> Iterator[Exchange]:
+    """Make the exchange run in this block visible to ``held_by_worker``."""
+    current = getcurrent()
+    exchange = _watched[current] = Exchange()
+    try:
+        yield exchange
+    finally:
+        del _watched[current]
+
+
+def held_by_worker(greenlet: Any) -> bool:
+    """True when the watched attempt in ``greenlet`` waits for this process, not the upstream.
+
+    It is blocked on a socket event the kernel already has: the connection it is
+    opening is established (or refused), or the answer it is reading has arrived (or
+    the upstream closed). Only this worker has yet to get round to it. False while
+    the upstream has not done its part, and for a greenlet that is not watched.
+    """
+    exchange = _watched.get(greenlet)
+    if exchange is None or exchange.blocked_on is None:
+        return False
+    sock, event = exchange.blocked_on
+    if sock.fileno() < 0:
+        return False
+    poller = _poll()
+    poller.register(sock, event)
+    return bool(poller.poll(0))
+
+
+def _watch(sock: Any, event: int | None) -> None:
+    """What the current (watched) greenlet blocks on next; None: nothing we can see."""
+    exchange = _watched.get(getcurrent())
+    if exchange is not None:
+        exchange.blocked_on = None if event is None else (sock, event)
+
+
+def _addresses(host: str, port: int) -> list[tuple[Any, ...]]:
+    """Where to connect: an IP literal as it is, a name from ``getaddrinfo``.
+
+    Under gevent ``getaddrinfo`` runs in a thread pool, even for a literal: about
+    150 µs of CPU, and a turn of a busy event loop, per new connection.
+    """
+    literal = host.strip("[]")
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, literal)
+        except OSError:
+            continue
+        target = (literal, port) if family == socket.AF_INET else (literal, port, 0, 0)
+        return [(family, socket.SOCK_STREAM, 0, "", target)]
+    return socket.getaddrinfo(literal, port, allowed_gai_family(), socket.SOCK_STREAM)
+
+
+def _connect(address: tuple[str, int], timeout: Any, source: Any, options: Any) -> socket.socket:
+    """urllib3's ``create_connection``, with each socket watched while it connects."""
+    error: OSError | None = None
+    for family, kind, proto, _, target in _addresses(*address):
+        sock = socket.socket(family, kind, proto)
+        try:
+            for option in options or ():
+                sock.setsockopt(*option)
+            if timeout is not DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            if source:
+                sock.bind(source)
+            _watch(sock, select.POLLOUT)  # writable: connected, or refused
+            sock.connect(target)
+            # Connected. What follows until the answer's headers (a TLS handshake,
+            # sending the request) waits on the upstream, or on nothing: unwatched.
+            _watch(sock, None)
+            return sock
+        except OSError as exc:
+            error = exc
+            sock.close()
+        except BaseException:
+            # Killed while connecting (a cancelled attempt): no connection object owns
+            # this socket yet, so close it now rather than when it is collected.
+            sock.close()
+            raise
+    raise error if error is not None else OSError("getaddrinfo returned no address")
+
+
+#: Interim (1xx) responses skipped before a final one; more is an upstream gone wrong,
+#: and ending it early frees the attempt sooner than its time limit would.
+MAX_INTERIM_RESPONSES = 8
+
+
+class InterimResponseError(http.client.HTTPException):
+    """The upstream sent a 101 nobody asked for, or interim responses without end."""
+
+
+class _FinalResponse(http.client.HTTPResponse):
+    """http.client's response, reading past every interim (1xx) response, not just 100.
+
+    RFC 9110 section 15.2: a client must skip 1xx responses it does not expect.
+    http.client skips only 100 Continue and takes a 103 Early Hints or 102 Processing
+    as the final answer, of length 0: the connection then goes back to the pool with
+    the real answer still on its way, and the next request on it reads that one.
+    """
+
+    def _read_status(self) -> tuple[str, int, str]:
+        for _ in range(MAX_INTERIM_RESPONSES + 1):
+            version, status, reason = super()._read_status()  # type: ignore[misc]
+            if not 100 <= status < 200:
+                return version, status, reason
+            if status == 101:
+                # Switching protocols is only an answer to an Upgrade, which smart never
+                # sends: what follows on this connection is not HTTP/1.1.
+                raise InterimResponseError("101 Switching Protocols without an Upgrade")
+            http.client.parse_headers(self.fp)
+        raise InterimResponseError(f"more than {MAX_INTERIM_RESPONSES} interim responses")
+
+
+class _AttemptWatch:
+    """Shows ``held_by_worker`` the socket a watched attempt is connecting or reading."""
+
+    sock: Any
+    host: str
+    port: int
+    timeout: Any
+    source_address: Any
+    socket_options: Any
+    #: Answers read on the current socket; one that has answered is a kept-alive one.
+    answers = 0
+
+    def _new_conn(self) -> socket.socket:
+        if getcurrent() not in _watched:
+            return super()._new_conn()  # type: ignore[misc, no-any-return]
+        # urllib3's own error mapping, around a connect the watch can see.
+        try:
+            return _connect(
+                (dns_host(self), self.port), self.timeout, self.source_address, self.socket_options
+            )
+        except socket.gaierror as exc:
+            raise NameResolutionError(self.host, self, exc) from exc  # type: ignore[arg-type]
+        except TimeoutError as exc:
+            raise ConnectTimeoutError(
+                self, f"Connection to {self.host} timed out. (connect timeout={self.timeout})"
+            ) from exc
+        except OSError as exc:
+            message = f"Failed to establish a new connection: {exc}"
+            raise NewConnectionError(self, message) from exc  # type: ignore[arg-type]
+
+    def connect(self) -> None:
+        self.answers = 0
+        exchange = _watched.get(getcurrent())
+        if exchange is None:
+            super().connect()  # type: ignore[misc]
+            return
+        exchange.connecting = True
+        super().connect()  # type: ignore[misc]
+        exchange.connecting = False
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        exchange = _watched.get(getcurrent())
+        if exchange is not None:
+            exchange.reused = self.sock is not None and self.answers > 0
+            exchange.headers_read = False
+        super().request(*args, **kwargs)  # type: ignore[misc]
+
+    def getresponse(self) -> Any:
+        _watch(self.sock, select.POLLIN)  # readable: the answer, or EOF, is here
+        response = super().getresponse()  # type: ignore[misc]
+        self.answers += 1
+        exchange = _watched.get(getcurrent())
+        if exchange is not None:
+            exchange.headers_read = True
+        return response
+
+
+class _LivenessCheck:
+    """urllib3 asks ``is_connected`` of every pooled connection before reusing it.
+
+    Its answer is the same as urllib3's (not readable: neither EOF nor stray bytes),
+    but from one non-blocking poll(2). Under gevent, urllib3's own check goes through
+    gevent's cooperative ``select.poll``, which starts an io watcher and switches to
+    the hub even with a zero timeout: about a tenth of an attempt's CPU here.
+    """
+
+    sock: Any
+
+    @property
+    def is_connected(self) -> bool:
+        if self.sock is None:
+            return False
+        poller = _poll()
+        poller.register(self.sock, select.POLLIN)
+        return not poller.poll(0)
+
+
+class _Connection(_AttemptWatch, _LivenessCheck, HTTPConnection):
+    response_class = _FinalResponse
+
+
+class _TLSConnection(_AttemptWatch, _LivenessCheck, HTTPSConnection):
+    response_class = _FinalResponse
+
+
+class _FreshOnRequest:
+    """Gives a watched attempt that asked for it (``Exchange.reconnect``) a connection
+    of its own: a pooled one it takes is closed first, and urllib3 then reconnects it.
+    """
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        conn = super()._get_conn(timeout)  # type: ignore[misc]
+        exchange = _watched.get(getcurrent())
+        if exchange is not None and exchange.fresh:
+            exchange.fresh = False
+            if conn.sock is not None:
+                conn.close()
+        return conn
+
+
+class _Pool(_FreshOnRequest, HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+
+class _TLSPool(_FreshOnRequest, HTTPSConnectionPool):
+    ConnectionCls = _TLSConnection
+
+
+class UpstreamAdapter(HTTPAdapter):
+    """``HTTPAdapter`` with a cheap liveness check and a bare ``Response``.
+
+    ``build_response`` skips what requests does for a browser-like client: copying
+    headers into a new dict (urllib3's are already case-insensitive), guessing a text
+    encoding, and extracting cookies into a jar that smart never sends back.
+    """
+
+    #: Pools and request targets remembered per URL: at most this many URLs.
+    _CACHED_URLS = 8
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
+        self._pools: dict[tuple[Any, ...], Any] = {}
+        self._targets: dict[str, str] = {}
+
+    def get_connection_with_tls_context(
+        self, request: requests.PreparedRequest, verify: Any, proxies: Any = None, cert: Any = None
+    ) -> Any:
+        """requests' own lookup, remembered per URL while the pool stays open.
+
+        Without proxies the answer depends on the URL and TLS settings alone, yet
+        requests parses the URL twice and rebuilds the pool key on every call: about
+        a twentieth of an attempt's CPU. A pool the manager closed is looked up again.
+        """
+        if proxies:
+            return super().get_connection_with_tls_context(request, verify, proxies, cert)
+        key = (request.url, verify, cert)
+        pool = self._pools.get(key)
+        if pool is None or getattr(pool, "pool", None) is None:
+            pool = super().get_connection_with_tls_context(request, verify, proxies, cert)
+            if len(self._pools) >= self._CACHED_URLS:
+                self._pools.clear()
+            self._pools[key] = pool
+        return pool
+
+    def request_url(self, request: requests.PreparedRequest, proxies: Any) -> str:
+        """The request target: without a proxy, the URL's path and query (remembered)."""
+        if proxies:
+            return str(super().request_url(request, proxies))
+        url = request.url or ""
+        target = self._targets.get(url)
+        if target is None:
+            target = request.path_url
+            if len(self._targets) >= self._CACHED_URLS:
+                self._targets.clear()
+            self._targets[url] = target
+        return target
+
+    def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
+        response = requests.Response()
+        response.status_code = resp.status
+        response.headers = resp.headers
+        response.raw = resp
+        response.reason = resp.reason
+        response.url = req.url or ""
+        response.request = req
+        response.connection = self
+        return response

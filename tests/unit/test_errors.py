@@ -1,0 +1,28 @@
+"""The 504 a request gets when every attempt timed out names the limit that cut them."""
+
+from __future__ import annotations
+
+from smart.edge import errors
+from smart.hedging.hedge import AllAttemptsFailed, HedgeResult, Trigger
+from smart.hedging.outcome import Kind, Limit, Outcome
+
+
+def test_attempts_cut_by_different_limits_are_counted_by_limit() -> None:
+    def timed_out(number: int, limit: Limit) -> Outcome:
+        return Outcome(number, Kind.TIMEOUT, 0.0, 0.1, limit=limit)
+
+    attempts = (
+        timed_out(1, Limit.ATTEMPT),
+        timed_out(2, Limit.CONNECT),
+        timed_out(3, Limit.CONNECT),
+    )
+    result = HedgeResult(None, attempts, Trigger.DELAY, 0, 3.3)
+    error = errors.from_hedge_error(
+        AllAttemptsFailed(result), None, attempt_limit_ms=3000, connect_limit_ms=1000
+    )
+    assert (error.status, error.code) == (504, "upstream_timeout")
+    assert error.message == (
+        "all 3 upstream attempts timed out: 2 while connecting "
+        "(SMART_CONNECT_TIMEOUT_MS: 1000 ms), 1 before answering in full "
+        "(SMART_ATTEMPT_TIMEOUT_MS: 3000 ms)"
+    )
