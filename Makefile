@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 LINTED := smart simulator harness tests $(wildcard bench scripts)
 CI_STAMP := $(VENV)/.ci-installed
 
-.PHONY: install run test lint fmt bench bench-profile soak clean licenses check-deploy \
+.PHONY: install run test lint fmt bench bench-https bench-profile soak clean licenses check-deploy \
 	check-alerts instrumentation-cost test-newest test-unit
 
 install: $(STAMP)
@@ -80,6 +80,11 @@ $(CI_STAMP): requirements-ci.txt $(STAMP)
 # hedger; results in bench/results/ (docs/PERFORMANCE.md). BENCH_QUICK=1: ~4 minutes.
 bench: $(STAMP)
 	@bash bench/bench.sh
+
+# HTTPS to the upstream beside plain HTTP, with and without TLS session resumption:
+# CPU, handshakes per request, p50/p99 (~3 minutes; bench/results/https.md).
+bench-https: $(STAMP)
+	@bash bench/bench.sh --https
 
 # Where a request's CPU goes, by library (py-spy on one loaded worker).
 bench-profile: $(STAMP)

@@ -30,6 +30,9 @@ module=bench.run
 if [ "${1:-}" = "--profile" ]; then
   shift
   module=bench.profile
+elif [ "${1:-}" = "--https" ]; then
+  shift
+  module=bench.https
 fi
 # Bounded: the full plan takes about 9 minutes; past 12 the run is stopped.
 exec timeout --signal=TERM --kill-after=30 720 "$bin/python" -m "$module" "$@"

@@ -41,8 +41,9 @@ class Gunicorn:
 
     ``env`` is added to the caller's environment. ``tmp_path`` holds the output files
     and, unless ``env`` names another, the metrics directory; without it the output
-    goes to a directory of its own and gunicorn.conf.py makes the metrics directory. Ready once every worker answers: smart's workers have each logged
-    "worker ready" and ``/healthz`` answers.
+    goes to a directory of its own and gunicorn.conf.py makes the metrics directory.
+    Ready once every worker answers: smart's workers have each logged "worker ready"
+    and ``/healthz`` answers.
     """
 
     def __init__(

@@ -160,6 +160,21 @@ class RawConnection:
         self.socket.close()
 
 
+#: The first byte of a TLS alert record: over TLS, a client that closes cleanly sends
+#: close_notify before its FIN.
+_TLS_ALERT = b"\x15"
+
+
+def _peek(sock: socket.socket) -> bytes:
+    """The next byte the client sent, left unread; b"" at EOF.
+
+    A TLS socket refuses ``MSG_PEEK``; its raw socket under it does not, and shows
+    the next record's type byte, which is all a close check needs.
+    """
+    raw = getattr(sock, "_sock", None) if hasattr(sock, "_sslobj") else None
+    return (raw if raw is not None else sock).recv(1, socket.MSG_PEEK)
+
+
 @dataclass(slots=True)
 class Call:
     """One ``/api/work`` call being answered: its connection and its record."""
@@ -180,10 +195,10 @@ class Call:
             if not self.conn.readable_within(remaining):
                 return True
             try:
-                peeked = sock.recv(1, socket.MSG_PEEK)
+                peeked = _peek(sock)
             except OSError:
                 peeked = b""
-            if not peeked:
+            if not peeked or peeked == _TLS_ALERT:
                 self.client_left()
                 return False
             # A pipelined request: the socket stays readable, so it can no longer be

@@ -78,6 +78,16 @@ def _kinds(value: object) -> tuple[str, ...]:
     return kinds
 
 
+def _flag(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"must be true or false, got {value!r}")
+
+
 def _seed(value: object) -> int | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
@@ -94,8 +104,9 @@ CONVERTERS: dict[str, Callable[[object], Any]] = {
     "failure_rate": _rate,
     "failure_kinds": _kinds,
     "seed": _seed,
+    "tls": _flag,
 }
-RUNTIME_OPTIONS = frozenset(CONVERTERS) - {"host", "port"}
+RUNTIME_OPTIONS = frozenset(CONVERTERS) - {"host", "port", "tls"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +122,7 @@ class SimulatorConfig:
     failure_rate: float = 0.2
     failure_kinds: tuple[str, ...] = DEFAULT_FAILURE_KINDS
     seed: int | None = None
+    tls: bool = False
 
     def __post_init__(self) -> None:
         if self.min_ms > self.max_ms:
@@ -147,6 +159,8 @@ _HELP = {
     "failure_rate": "share of calls that fail, 0 to 1",
     "failure_kinds": "comma-separated kinds a failure is drawn from, uniformly",
     "seed": "seed of the random generator, for a reproducible sequence",
+    "tls": "serve HTTPS with a certificate for 127.0.0.1 and localhost from a CA made "
+    "for this run; the listening line gives the CA's PEM file as ca_path",
 }
 
 

@@ -25,6 +25,7 @@ import contextlib
 import json
 import re
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,6 +85,10 @@ class Application(Protocol):
     def connection_opened(self) -> None: ...
 
     def connection_closed(self) -> None: ...
+
+    def handshake_done(self, *, resumed: bool) -> None: ...
+
+    def handshake_failed(self) -> None: ...
 
 
 class Connection:
@@ -238,9 +243,18 @@ def _reason(status: int) -> str:
 class Server:
     """A StreamServer running one greenlet per connection, requests in order on each."""
 
-    def __init__(self, host: str, port: int, application: Application, *, max_body: int) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        application: Application,
+        *,
+        max_body: int,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.application = application
         self.max_body = max_body
+        self.tls = tls
         self._server = StreamServer((host, port), self._serve, backlog=BACKLOG)
 
     @property
@@ -261,6 +275,16 @@ class Server:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         application = self.application
+        if self.tls is not None:
+            # In this connection's greenlet, not in StreamServer's: a client that
+            # refuses the certificate ends its own handshake here, quietly.
+            try:
+                sock = self.tls.wrap_socket(sock, server_side=True)
+            except (ssl.SSLError, OSError):
+                sock.close()
+                application.handshake_failed()
+                return
+            application.handshake_done(resumed=bool(getattr(sock, "session_reused", False)))
         connection = Connection(sock, self.max_body)
         application.connection_opened()
         try:

@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import select
+import ssl
 import subprocess
 import sys
 import time
@@ -35,15 +36,20 @@ class SimulatorProcess:
     child does exactly what its options say, plus whatever ``env`` adds.
     """
 
-    def __init__(self, env: Mapping[str, str] | None = None, **options: object) -> None:
+    def __init__(
+        self, env: Mapping[str, str] | None = None, *, tls: bool = False, **options: object
+    ) -> None:
         self.options = options
+        self.tls = tls
         self.env = dict(env or {})
         self.port = 0
+        #: With ``tls``: the PEM file of the CA that signed this run's certificate.
+        self.ca_path = ""
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def work_url(self) -> str:
@@ -55,6 +61,8 @@ class SimulatorProcess:
 
     def start(self) -> SimulatorProcess:
         argv = [sys.executable, "-m", "simulator", "--host", "127.0.0.1", "--port", "0"]
+        if self.tls:
+            argv += ["--tls", "true"]
         for name, value in self.options.items():
             if value is not None:
                 text = ",".join(value) if isinstance(value, list | tuple) else str(value)
@@ -90,6 +98,7 @@ class SimulatorProcess:
         event = json.loads(line)
         if event.get("event") != "listening":
             raise SimulatorError(f"unexpected first line {line!r}")
+        self.ca_path = str(event.get("ca_path", ""))
         return int(event["port"])
 
     def stop(self) -> int | None:
@@ -127,7 +136,14 @@ class SimulatorProcess:
 
     def request(self, method: str, path: str, body: object = None) -> Any:
         """One control request; the decoded JSON answer, or SimulatorError."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=CONTROL_TIMEOUT_S)
+        conn: http.client.HTTPConnection
+        if self.tls:
+            context = ssl.create_default_context(cafile=self.ca_path)
+            conn = http.client.HTTPSConnection(
+                "127.0.0.1", self.port, timeout=CONTROL_TIMEOUT_S, context=context
+            )
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=CONTROL_TIMEOUT_S)
         try:
             data = None if body is None else json.dumps(body).encode()
             headers = {} if data is None else {"Content-Type": "application/json"}

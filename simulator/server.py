@@ -25,6 +25,7 @@ from gevent import monkey
 from simulator.behaviours import BEHAVIOURS, Call, CallRecord, RawConnection, Step
 from simulator.config import RUNTIME_OPTIONS, SimulatorConfig, parse_args
 from simulator.http_server import Connection, Request, Response, Server
+from simulator.tls import make_run_certificate
 
 __all__ = ["Simulator", "SimulatorConfig", "main"]
 
@@ -46,6 +47,11 @@ class Stats:
         self.completed = 0
         self.client_closed = 0
         self.connections_total = 0
+        # TLS only: full handshakes, resumed sessions, and handshakes the client broke
+        # off (an untrusted certificate, a cancelled attempt).
+        self.tls_handshakes = 0
+        self.tls_resumed = 0
+        self.tls_failed = 0
         # By X-Smart-Attempt value: calls per client request is calls over attempt 1s,
         # exact even when a load generator stops with requests still in flight.
         self.calls_by_attempt: Counter[str] = Counter()
@@ -124,6 +130,13 @@ class Simulator:
     def connection_closed(self) -> None:
         self.connections_open -= 1
 
+    def handshake_done(self, *, resumed: bool) -> None:
+        self.stats.tls_handshakes += 1
+        self.stats.tls_resumed += resumed
+
+    def handshake_failed(self) -> None:
+        self.stats.tls_failed += 1
+
     def _get_work(self, request: Request, connection: Connection) -> None:
         """Answer one ``/api/work`` call: choose a step, wait its delay, behave."""
         stats = self.stats
@@ -194,6 +207,8 @@ class Simulator:
         body = _read_json(request)
         if not isinstance(body, dict):
             raise ValueError("expected a JSON object of options")
+        if body.get("tls", not self.config.tls) is self.config.tls:
+            del body["tls"]  # as GET /_sim/config reported it: no change, so allowed
         self.config = self.config.updated(body, RUNTIME_OPTIONS)
         if "seed" in body:
             self.rng.seed(self.config.seed)
@@ -209,6 +224,9 @@ class Simulator:
             "client_closed": stats.client_closed,
             "connections_open": self.connections_open,
             "connections_total": stats.connections_total,
+            "tls_handshakes": stats.tls_handshakes,
+            "tls_resumed": stats.tls_resumed,
+            "tls_failed": stats.tls_failed,
             "pending_steps": len(self.steps),
             "now": time.monotonic(),
             "recent": [asdict(record) for record in stats.recent],
@@ -232,19 +250,31 @@ def _read_json(request: Request) -> object:
 def serve(config: SimulatorConfig) -> int:
     """Listen until SIGTERM or SIGINT; announce the port as one JSON line on stdout."""
     simulator = Simulator(config)
-    server = Server(config.host, config.port, simulator, max_body=MAX_CONTROL_BODY)
+    certificate = make_run_certificate() if config.tls else None
+    server = Server(
+        config.host,
+        config.port,
+        simulator,
+        max_body=MAX_CONTROL_BODY,
+        tls=None if certificate is None else certificate.context,
+    )
     # Handlers first: a signal sent as soon as the port is announced must stop us cleanly.
     stopping = gevent.event.Event()
     handlers = [gevent.signal_handler(signum, stopping.set) for signum in STOP_SIGNALS]
     server.start()
     host, port = server.address
-    print(json.dumps({"event": "listening", "host": host, "port": port}), flush=True)
+    event: dict[str, object] = {"event": "listening", "host": host, "port": port}
+    if certificate is not None:
+        event["ca_path"] = certificate.ca_path
+    print(json.dumps(event), flush=True)
     stopping.wait()
     for handler in handlers:
         handler.cancel()
     # Calls in flight are cut, not drained: nothing a simulated upstream does is worth
     # finishing, and hung calls would hold the exit for minutes.
     server.stop()
+    if certificate is not None:
+        certificate.remove()
     return 0
 
 

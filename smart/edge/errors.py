@@ -81,12 +81,15 @@ def from_hedge_error(
     if outcomes and all(o.kind is Kind.TIMEOUT for o in outcomes):
         message = _timed_out(outcomes, attempt_limit_ms, connect_limit_ms)
         return ApiError(504, "upstream_timeout", message, outcomes)
-    return ApiError(
-        502,
-        "upstream_failed",
-        f"all {len(outcomes)} upstream attempts failed",
-        outcomes,
-    )
+    message = f"all {len(outcomes)} upstream attempts failed"
+    if outcomes and all(o.limit is Limit.CONNECT for o in outcomes):
+        # No connection (or no TLS handshake) finished: the answer is not the upstream's
+        # failure to answer but to be reached, which is what the outcomes say.
+        message += (
+            f" to connect within SMART_CONNECT_TIMEOUT_MS ({connect_limit_ms} ms each; "
+            "TLS handshake included)"
+        )
+    return ApiError(502, "upstream_failed", message, outcomes)
 
 
 def _timed_out(outcomes: tuple[Outcome, ...], attempt_limit_ms: int, connect_limit_ms: int) -> str:

@@ -20,12 +20,13 @@ class Kind(StrEnum):
     CONNECT_ERROR = "connect_error"  # refused, unreachable, DNS, connect timeout
     TIMEOUT = "timeout"  # connected, but no complete answer within the attempt's limit
     RESET = "reset"  # the connection broke: reset, closed early, truncated, not HTTP
+    TLS_ERROR = "tls_error"  # certificate refused, handshake failed, TLS alert or bad record
     CANCELLED = "cancelled"  # killed because the request was already decided
     ERROR = "error"  # a bug of ours; logged with its traceback
 
 
 class Limit(StrEnum):
-    """Which limit cut an attempt that timed out."""
+    """Which limit cut an attempt that ran out of time."""
 
     CONNECT = "connect"  # SMART_CONNECT_TIMEOUT_MS: opening the connection, TLS included
     ATTEMPT = "attempt"  # SMART_ATTEMPT_TIMEOUT_MS: the whole attempt
@@ -45,7 +46,8 @@ class Outcome:
     #: False for an attempt killed before its greenlet ever ran: the upstream never
     #: received it, so it is not counted as an upstream call.
     sent: bool = True
-    #: For a ``TIMEOUT``: the limit that ended it.
+    #: The limit that ended it: for a ``TIMEOUT``, and for a ``CONNECT_ERROR`` or
+    #: ``TLS_ERROR`` whose connect or TLS handshake did not finish in time.
     limit: Limit | None = None
     #: The kept-alive connection it took had been closed by the upstream before any
     #: answer, so it was sent again at once on a new connection.

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import select
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import gevent
 import requests
@@ -27,11 +29,15 @@ from urllib3.exceptions import (
 from urllib3.exceptions import (
     ReadTimeoutError as Urllib3ReadTimeout,
 )
+from urllib3.exceptions import (
+    SSLError as Urllib3SSLError,
+)
 
 from smart.config import Settings
 from smart.hedging.outcome import Kind, Limit, Outcome
 from smart.upstream import internals
 from smart.upstream.internals import idle_queue
+from smart.upstream.tls import TLSHandshakeTimeout, upstream_tls_context
 from smart.upstream.transport import Exchange, UpstreamAdapter, held_by_worker, watch_attempt
 
 ATTEMPT_HEADER = "X-Smart-Attempt"
@@ -104,11 +110,21 @@ class UpstreamClient:
         # the environment, and upstream cookies must not leak between clients (attempts
         # bypass the cookie jar; the policy guards any other use of the session).
         self.session.trust_env = False
+        # Never False: with trust_env off, REQUESTS_CA_BUNDLE is not read either, so a
+        # private CA is trusted only through SMART_UPSTREAM_CA_BUNDLE.
+        self._verify: str | bool = settings.upstream_ca_bundle or True
+        self.session.verify = self._verify
         self.session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
         # pool_block=False: a killed greenlet waiting for a blocking pool slot corrupts
         # the pool's count (urllib3#805). The hedger's Pool caps concurrency instead;
         # the pool keeps that many idle keep-alive connections for reuse.
+        tls_context = None
+        if urlsplit(settings.upstream_url).scheme == "https":
+            tls_context = upstream_tls_context(
+                settings.upstream_ca_bundle, reuse_sessions=settings.upstream_tls_session_reuse
+            )
         adapter = UpstreamAdapter(
+            tls_context=tls_context,
             pool_connections=1,
             pool_maxsize=settings.max_upstream_in_flight,
             max_retries=0,
@@ -142,7 +158,7 @@ class UpstreamClient:
         The pool attempts use, looked up as ``send`` does: its key includes the TLS
         settings, so ``connection_from_url`` would find (or make) a different one.
         """
-        pool = self._adapter.get_connection_with_tls_context(self._template, verify=True)
+        pool = self._adapter.get_connection_with_tls_context(self._template, verify=self._verify)
         return idle_queue(pool)
 
     def idle_connections(self) -> int:
@@ -208,7 +224,9 @@ class UpstreamClient:
             limit = Limit.ATTEMPT
         except Exception as exc:  # noqa: BLE001 - an attempt reports, it never raises
             kind, body, detail = classify(exc), None, _describe(exc)
-            if kind is Kind.TIMEOUT:
+            if _connect_timed_out(exc):
+                limit = Limit.CONNECT  # a connect_error, or a tls_error of the handshake
+            elif kind is Kind.TIMEOUT:
                 # Only while connecting does a socket timeout shorter than the attempt's
                 # apply: the rest of the exchange reads with the attempt's own limit.
                 connecting = exchange is not None and exchange.connecting
@@ -227,6 +245,9 @@ class UpstreamClient:
             reconnected=exchange is not None and exchange.reconnected,
         )
 
+    def _send(self, prepared: requests.PreparedRequest, timeout: tuple[float, float]) -> Any:
+        return self._adapter.send(prepared, stream=True, timeout=timeout, verify=self._verify)
+
     def _exchange(
         self,
         prepared: requests.PreparedRequest,
@@ -239,7 +260,7 @@ class UpstreamClient:
         read_s = limit_s if limit_s is not None else settings.max_timeout_ms / 1000
         timeout = (settings.connect_timeout_s, read_s)
         try:
-            response = self._adapter.send(prepared, stream=True, timeout=timeout)
+            response = self._send(prepared, timeout)
         except requests.exceptions.ConnectionError:
             if not exchange.stale:
                 raise
@@ -250,7 +271,7 @@ class UpstreamClient:
             exchange.reconnect()
             if self._on_reconnect is not None:
                 self._on_reconnect(number)
-            response = self._adapter.send(prepared, stream=True, timeout=timeout)
+            response = self._send(prepared, timeout)
         cap = settings.max_body_bytes
         declared = response.headers.get("Content-Length")
         if declared is not None:
@@ -291,8 +312,12 @@ def content_length(value: str) -> int | None:
     return int(digits) if digits.isascii() and digits.isdigit() else None
 
 
-def classify(exc: Exception) -> Kind:
+def classify(exc: Exception) -> Kind:  # noqa: PLR0911 - one return per kind reads best
     """Map what requests/urllib3 raised during an attempt to an outcome kind."""
+    # First: requests' SSLError is a ConnectionError, and a certificate the upstream's
+    # CA bundle does not vouch for is not a network problem.
+    if isinstance(exc, requests.exceptions.SSLError | Urllib3SSLError | ssl.SSLError):
+        return Kind.TLS_ERROR
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return Kind.CONNECT_ERROR
     if isinstance(exc, requests.exceptions.ReadTimeout | Urllib3ReadTimeout | TimeoutError):
@@ -307,5 +332,37 @@ def classify(exc: Exception) -> Kind:
     return Kind.ERROR
 
 
+def _connect_timed_out(exc: BaseException) -> bool:
+    """The TCP connect or the TLS handshake ran out of SMART_CONNECT_TIMEOUT_MS."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # requests wraps urllib3, which wraps the socket's error
+        if seen is None:
+            return False
+        if isinstance(seen, requests.exceptions.ConnectTimeout | TLSHandshakeTimeout):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _describe(exc: Exception) -> str:
+    reason = _ssl_reason(exc)
+    if reason is not None:
+        # The wrappers' text (pool, URL, "Max retries exceeded") would push OpenSSL's
+        # reason, the part the on-call engineer needs, past the cut.
+        exc = reason
     return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _ssl_reason(exc: BaseException) -> ssl.SSLError | None:
+    """The ``ssl`` error under requests' and urllib3's wrappers, if there is one."""
+    seen: list[BaseException] = []
+    todo: list[object] = [exc]
+    while todo and len(seen) < 16:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or any(item is s for s in seen):
+            continue
+        if isinstance(item, ssl.SSLError):
+            return item
+        seen.append(item)
+        todo += [item.__cause__, item.__context__, getattr(item, "reason", None), *item.args]
+    return None

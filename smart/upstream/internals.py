@@ -150,6 +150,24 @@ ASSUMPTIONS = (
         ),
     ),
     Assumption(
+        "HTTPAdapter passes the pool key and calls cert_verify",
+        "the worker's TLS context (tls.py) reaches the pools through the pool key, and "
+        "the bundle requests would set on the pool at every send is left out",
+        lambda: (
+            "build_connection_pool_key_attributes"
+            in _source(requests.adapters.HTTPAdapter.get_connection_with_tls_context)
+            and "self.cert_verify(" in _source(requests.adapters.HTTPAdapter.send)
+        ),
+    ),
+    Assumption(
+        "HTTPSConnection.connect wraps with self.ssl_context",
+        "TLS sockets come from the worker's context: the CA bundle loaded once, sessions "
+        "resumed, a socket killed mid-handshake closed",
+        lambda: (
+            "ssl_context=self.ssl_context" in _source(urllib3.connection.HTTPSConnection.connect)
+        ),
+    ),
+    Assumption(
         "HTTPAdapter.send calls request_url and build_response",
         "the adapter caches the request target and builds a bare Response",
         lambda: (

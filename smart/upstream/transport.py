@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import select
 import socket
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -25,6 +26,7 @@ from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConn
 from urllib3.util.connection import allowed_gai_family
 
 from smart.upstream.internals import DEFAULT_TIMEOUT, dns_host
+from smart.upstream.tls import remember_session
 
 #: The operating system's poll, even after gevent's patching: see ``is_connected``.
 _poll = get_original("select", "poll")
@@ -270,6 +272,12 @@ class _Connection(_AttemptWatch, _LivenessCheck, HTTPConnection):
 class _TLSConnection(_AttemptWatch, _LivenessCheck, HTTPSConnection):
     response_class = _FinalResponse
 
+    def getresponse(self) -> Any:
+        sock = self.sock  # http.client lets go of it when the answer closes the connection
+        response = super().getresponse()
+        remember_session(self.ssl_context, sock)
+        return response
+
 
 class _FreshOnRequest:
     """Gives a watched attempt that asked for it (``Exchange.reconnect``) a connection
@@ -304,6 +312,37 @@ class UpstreamAdapter(HTTPAdapter):
 
     #: Pools and request targets remembered per URL: at most this many URLs.
     _CACHED_URLS = 8
+
+    def __init__(self, *args: Any, tls_context: ssl.SSLContext | None = None, **kwargs: Any):
+        #: The worker's one TLS context (``smart.upstream.tls``); None: requests' own,
+        #: one per connection.
+        self.tls_context = tls_context
+        super().__init__(*args, **kwargs)
+
+    def build_connection_pool_key_attributes(
+        self, request: requests.PreparedRequest, verify: Any, cert: Any = None
+    ) -> Any:
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(
+            request, verify, cert
+        )
+        if self.tls_context is not None and host_params["scheme"] == "https":
+            pool_kwargs.pop("ca_certs", None)
+            pool_kwargs.pop("ca_cert_dir", None)
+            pool_kwargs["ssl_context"] = self.tls_context
+        return host_params, pool_kwargs
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        """With the worker's context, nothing to set: its CAs are loaded already.
+
+        requests would set the bundle's path on the pool at every send, and urllib3
+        load that file into the context again at every new connection.
+        """
+        if self.tls_context is None or not url.lower().startswith("https"):
+            super().cert_verify(conn, url, verify, cert)  # type: ignore[no-untyped-call]
+            return
+        conn.cert_reqs = "CERT_REQUIRED"
+        conn.ca_certs = None
+        conn.ca_cert_dir = None
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
