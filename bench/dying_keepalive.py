@@ -6,7 +6,7 @@ connection and closes it ``--close-after-ms`` later, reading nothing more: a req
 smart sends on that connection meanwhile is lost, though the upstream answered every
 request it read. Closed-loop clients send a bounded number of requests; the report is
 the share of 502s, attempts per request and the upstream connections each request
-cost. ``--source DIR`` runs the smart of another tree (``git archive main | tar -x -C
+cost. ``--source DIR`` runs the smart of another tree (``git archive COMMIT | tar -x -C
 DIR``), so the policy's effect is measured before and after in one session.
 """
 
