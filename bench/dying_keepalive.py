@@ -31,7 +31,7 @@ import gevent  # noqa: E402
 import requests  # noqa: E402
 from gevent.pool import Pool  # noqa: E402
 
-from tests.hostile import HostileUpstream, Request, response  # noqa: E402
+from tests.e2e.hostile import HostileUpstream, Request, response  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Two workers start in about a second; a shared box can take several times that.

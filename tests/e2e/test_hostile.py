@@ -1,7 +1,7 @@
 """Hostile upstreams over real sockets: interim responses, lenient JSON, odd headers,
 handshakes that never finish, connections closed behind smart's back.
 
-Each upstream is a raw-socket server of ``tests/hostile.py`` in this process; smart
+Each upstream is a raw-socket server of ``tests/e2e/hostile.py`` in this process; smart
 runs under real gunicorn. Answers echo the attempt's ``X-Request-ID`` in their body,
 so a test can tell an answer that belongs to another request.
 """
@@ -18,7 +18,7 @@ import psutil
 import pytest
 import requests
 
-from tests.hostile import HostileUpstream, Request, response
+from tests.e2e.hostile import HostileUpstream, Request, response
 from tests.support import Gunicorn, scrape_total, wait_until
 
 #: How long the hostile upstream waits between a 1xx and its final answer: long
