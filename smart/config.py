@@ -141,6 +141,13 @@ class Settings:
         "SMART_REFUSAL_PAUSE_MS: one pause only).",
         minimum=0,
     )
+    client_write_timeout_ms: int = _setting(
+        5_000,
+        "Close a client connection whose answer cannot be written for this long: a "
+        "client that stops reading (say, one pipelining requests it never reads the "
+        "answers of) holds its connection this long at most, not forever.",
+        minimum=1,
+    )
     debug_endpoints: bool = _setting(
         False, "Serve /debug/runtime (in-flight counts, greenlets) for leak hunting."
     )
@@ -200,6 +207,10 @@ class Settings:
     @property
     def refusal_pause_max_s(self) -> float:
         return self.refusal_pause_max_ms / 1000
+
+    @property
+    def client_write_timeout_s(self) -> float:
+        return self.client_write_timeout_ms / 1000
 
     @property
     def loop_lag_target_s(self) -> float:

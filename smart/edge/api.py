@@ -55,8 +55,12 @@ def smart() -> Response:
                 cancel=client.gone,
             )
     except HedgeError as exc:
-        limit_ms = timeout_ms if timeout_ms is not None else settings.attempt_timeout_ms
-        error = errors.from_hedge_error(exc, timeout_ms, limit_ms)
+        error = errors.from_hedge_error(
+            exc,
+            timeout_ms,
+            attempt_limit_ms=settings.attempt_timeout_ms,
+            connect_limit_ms=settings.connect_timeout_ms,
+        )
         return _fail(runtime, error, request_id, timeout_ms, t0, exc.result, span)
     return _succeed(runtime, result, request_id, timeout_ms, t0, span)
 

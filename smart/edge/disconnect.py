@@ -19,6 +19,16 @@ from gevent.event import Event
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 
+def raw_socket(client: Any) -> Any:
+    """The standard socket under ``client``: gevent's socket (and any wrapper of it, as
+    the worker's bounded writes) would wait for data in ``recv``, which a callback of
+    the event loop must never do."""
+    inner = getattr(client, "_sock", None)
+    while inner is not None:
+        client, inner = inner, getattr(inner, "_sock", None)
+    return client
+
+
 class ClientWatch:
     """``gone`` is set once the client has closed or reset its connection.
 
@@ -42,9 +52,7 @@ class ClientWatch:
             return
         if fd < 0:
             return
-        # gevent's socket would wait for data in recv; the loop's callback must not,
-        # so the standard socket under it is the one read.
-        self._sock = getattr(client, "_sock", client)
+        self._sock = raw_socket(client)
         self._watcher = gevent.get_hub().loop.io(fd, 1)
 
     def __enter__(self) -> ClientWatch:

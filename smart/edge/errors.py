@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from smart.hedging.hedge import AllAttemptsFailed, Cancelled, DeadlineExceeded, HedgeError
-from smart.hedging.outcome import Kind, Outcome
+from smart.hedging.outcome import Kind, Limit, Outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,12 +53,16 @@ def internal_error() -> ApiError:
     return ApiError(500, "internal_error", "the server failed to answer; see its log")
 
 
-def from_hedge_error(exc: HedgeError, timeout_ms: int | None, attempt_limit_ms: int) -> ApiError:
+def from_hedge_error(
+    exc: HedgeError, timeout_ms: int | None, *, attempt_limit_ms: int, connect_limit_ms: int
+) -> ApiError:
     """502 when every attempt failed, 504 when time ran out first, 499 when the client
     left first.
 
     All attempts failing *by timing out* is a 504 too: as with any gateway, the
-    upstream did not answer in time, which is different from answering badly.
+    upstream did not answer in time, which is different from answering badly. The
+    message names the limit that ran out: the request's ``timeout``, or the setting
+    that cut the attempts.
     """
     outcomes = exc.result.outcomes
     if isinstance(exc, Cancelled):
@@ -85,18 +89,31 @@ def from_hedge_error(exc: HedgeError, timeout_ms: int | None, attempt_limit_ms: 
         )
     assert isinstance(exc, AllAttemptsFailed)
     if outcomes and all(o.kind is Kind.TIMEOUT for o in outcomes):
-        return ApiError(
-            504,
-            "upstream_timeout",
-            f"all {len(outcomes)} upstream attempts timed out "
-            f"(each is limited to {attempt_limit_ms} ms)",
-            outcomes,
+        message = _timed_out(outcomes, attempt_limit_ms, connect_limit_ms)
+        return ApiError(504, "upstream_timeout", message, outcomes)
+    message = f"all {len(outcomes)} upstream attempts failed"
+    if outcomes and all(o.limit is Limit.CONNECT for o in outcomes):
+        # No connection (or no TLS handshake) finished: the answer is not the upstream's
+        # failure to answer but to be reached, which is what the outcomes say.
+        message += (
+            f" to connect within SMART_CONNECT_TIMEOUT_MS ({connect_limit_ms} ms each; "
+            "TLS handshake included)"
         )
-    return ApiError(
-        502,
-        "upstream_failed",
-        f"all {len(outcomes)} upstream attempts failed",
-        outcomes,
+    return ApiError(502, "upstream_failed", message, outcomes)
+
+
+def _timed_out(outcomes: tuple[Outcome, ...], attempt_limit_ms: int, connect_limit_ms: int) -> str:
+    total = len(outcomes)
+    connecting = sum(1 for o in outcomes if o.limit is Limit.CONNECT)
+    connect = f"SMART_CONNECT_TIMEOUT_MS: {connect_limit_ms} ms"
+    attempt = f"SMART_ATTEMPT_TIMEOUT_MS: {attempt_limit_ms} ms"
+    if connecting == total:
+        return f"all {total} upstream attempts timed out while connecting ({connect} each)"
+    if connecting == 0:
+        return f"all {total} upstream attempts timed out ({attempt} each)"
+    return (
+        f"all {total} upstream attempts timed out: {connecting} while connecting "
+        f"({connect}), {total - connecting} before answering in full ({attempt})"
     )
 
 

@@ -25,6 +25,13 @@ class Kind(StrEnum):
     ERROR = "error"  # a bug of ours; logged with its traceback
 
 
+class Limit(StrEnum):
+    """Which limit cut an attempt that ran out of time."""
+
+    CONNECT = "connect"  # SMART_CONNECT_TIMEOUT_MS: opening the connection, TLS included
+    ATTEMPT = "attempt"  # SMART_ATTEMPT_TIMEOUT_MS: the whole attempt
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """One finished attempt. Times are seconds from the start of the request."""
@@ -39,6 +46,12 @@ class Outcome:
     #: False for an attempt killed before its greenlet ever ran: the upstream never
     #: received it, so it is not counted as an upstream call.
     sent: bool = True
+    #: The limit that ended it: for a ``TIMEOUT``, and for a ``CONNECT_ERROR`` or
+    #: ``TLS_ERROR`` whose connect or TLS handshake did not finish in time.
+    limit: Limit | None = None
+    #: The kept-alive connection it took had been closed by the upstream before any
+    #: answer, so it was sent again at once on a new connection.
+    reconnected: bool = False
 
     @property
     def ok(self) -> bool:

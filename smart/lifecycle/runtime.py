@@ -72,14 +72,15 @@ class Runtime:
                 settings.hedge_budget_window_s,
                 settings.hedge_budget_min_per_s,
             )
+        telemetry = Telemetry.build(settings, tracer_provider)
         runtime = cls(
             settings=settings,
             capacity=limits,
-            client=UpstreamClient(settings),
+            client=UpstreamClient(settings, on_reconnect=telemetry.reconnected),
             pool=Pool(settings.max_upstream_in_flight),
             limiter=InFlightLimiter(limits.max_in_flight),
             budget=budget,
-            telemetry=Telemetry.build(settings, tracer_provider),
+            telemetry=telemetry,
         )
         runtime.sweeper = gevent.spawn(_housekeeping, runtime.client, runtime.telemetry)
         runtime.unguard_accept = exhaustion.guard_accept(

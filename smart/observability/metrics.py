@@ -145,6 +145,15 @@ class Metrics:
             "Hedged attempts the hedge budget refused to start.",
             registry=r,
         )
+        self.reconnects = Labelled(
+            Counter(
+                "smart_upstream_reconnects",
+                "Attempts sent again at once on a new connection, by attempt number: the "
+                "kept-alive one they took had been closed by the upstream before answering.",
+                ["attempt"],
+                registry=r,
+            )
+        )
         self.wins = Labelled(
             Counter(
                 "smart_wins",
@@ -222,6 +231,7 @@ class Metrics:
                 self.attempts(number, outcome)
         for number in numbers:
             self.wins(number)
+            self.reconnects(number)
         for trigger in HEDGE_TRIGGERS:
             self.hedges(trigger)
         self.rejected("overloaded")

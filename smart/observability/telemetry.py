@@ -109,6 +109,12 @@ class Telemetry:
             self.metrics.worker_connections.set(capacity.worker_connections)
             self.metrics.descriptor_limit.set(capacity.descriptors)
 
+    def reconnected(self, attempt: int) -> None:
+        """Attempt ``attempt`` is sent again on a new connection (counted as it happens:
+        a hedge cancelled afterwards still cost the upstream that call)."""
+        if self.metrics is not None:
+            self.metrics.reconnects(str(attempt)).inc()
+
     def limit_changed(self, limit: int) -> None:
         if self.metrics is not None:
             self.metrics.in_flight_limit.set(limit)
@@ -286,6 +292,7 @@ def log_fields(record: RequestRecord) -> dict[str, object]:
                 "sent": o.sent,
                 "status": o.status,
                 "detail": o.detail or None,
+                "reconnected": o.reconnected,
             }
             for o in result.outcomes
         ]

@@ -20,6 +20,7 @@ import gevent
 from gevent.socket import wait_read
 
 from smart.edge import errors
+from smart.edge.disconnect import raw_socket
 from smart.edge.params import request_id_from
 from smart.observability.logs import REQUEST_LOGGED
 from smart.observability.telemetry import Telemetry
@@ -187,7 +188,7 @@ def _next_bytes(client: Any, within_s: float) -> str:
         return QUIET
     except OSError:
         return GONE
-    raw = getattr(client, "_sock", client)  # peek without gevent's wait for data
+    raw = raw_socket(client)  # peek without gevent's wait for data
     try:
         data = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except BlockingIOError:

@@ -10,9 +10,9 @@ import json
 import select
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from http.cookiejar import DefaultCookiePolicy
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import gevent
@@ -34,11 +34,11 @@ from urllib3.exceptions import (
 )
 
 from smart.config import Settings
-from smart.hedging.outcome import Kind, Outcome
+from smart.hedging.outcome import Kind, Limit, Outcome
 from smart.upstream import internals
 from smart.upstream.internals import idle_queue
-from smart.upstream.tls import upstream_tls_context
-from smart.upstream.transport import UpstreamAdapter, held_by_worker, watch_attempt
+from smart.upstream.tls import TLSHandshakeTimeout, upstream_tls_context
+from smart.upstream.transport import Exchange, UpstreamAdapter, held_by_worker, watch_attempt
 
 ATTEMPT_HEADER = "X-Smart-Attempt"
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -48,15 +48,42 @@ _POLL = monkey.get_original("select", "poll")
 _READABLE = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 
 
+def _refuse_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate object key")
+    return obj
+
+
+#: RFC 8259 parsing, stricter than ``json.loads``: that one accepts NaN and Infinity
+#: and keeps the last of duplicate keys, so a payload with ``"time"`` twice would be
+#: read one way here and maybe another by the client (JavaScript's JSON.parse rejects
+#: NaN; other parsers keep the first duplicate).
+_STRICT = json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+
+
 def is_valid_payload(body: bytes) -> bool:
     """True for a JSON object whose ``time`` is a non-negative integer (not a bool).
 
     RFC 8259 requires UTF-8 between systems, so anything else is rejected rather than
-    guessed at, and the body can be passed through to the client byte for byte.
+    guessed at, and the body can be passed through to the client byte for byte. Also
+    refused: NaN and Infinity, duplicate keys (in any object), and a ``\\u`` escape of
+    a lone surrogate, which is no Unicode character and which strict parsers reject.
     """
     try:
-        payload = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        text = body.decode("utf-8")
+        payload = _STRICT.decode(text)
+        if "\\" in text:
+            # Surrogates can only come from \u escapes (strict UTF-8 decoding refuses
+            # them raw), and a lone one cannot be encoded back: only bodies with an
+            # escape pay for it. A one-character search is a memchr, ~15x cheaper than
+            # searching for the two characters of the escape (bench/payload_check.py).
+            json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError):  # UnicodeError and JSONDecodeError included
         return False
     if not isinstance(payload, dict):
         return False
@@ -71,9 +98,13 @@ class UpstreamClient:
     share sockets between workers.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, on_reconnect: Callable[[int], None] | None = None
+    ) -> None:
         internals.check()  # a urllib3 that changed under the transport stops the worker
         self._settings = settings
+        #: Told the attempt's number each time an attempt is sent again (``_exchange``).
+        self._on_reconnect = on_reconnect
         self.session = requests.Session()
         # Hedging is the retry policy, proxies and .netrc are not ours to pick up from
         # the environment, and upstream cookies must not leak between clients (attempts
@@ -180,16 +211,26 @@ class UpstreamClient:
             prepared.headers.update(headers)
         timer = gevent.Timeout(limit_s)
         status: int | None = None
+        limit: Limit | None = None
+        exchange: Exchange | None = None
         try:
             timer.start()
-            with watch_attempt():
-                kind, status, body, detail = self._exchange(prepared, limit_s)
+            with watch_attempt() as exchange:
+                kind, status, body, detail = self._exchange(prepared, number, limit_s, exchange)
         except gevent.Timeout as expired:
             if expired is not timer:
                 raise
             kind, body, detail = Kind.TIMEOUT, None, f"no answer within {limit_s:g} s"
+            limit = Limit.ATTEMPT
         except Exception as exc:  # noqa: BLE001 - an attempt reports, it never raises
             kind, body, detail = classify(exc), None, _describe(exc)
+            if _connect_timed_out(exc):
+                limit = Limit.CONNECT  # a connect_error, or a tls_error of the handshake
+            elif kind is Kind.TIMEOUT:
+                # Only while connecting does a socket timeout shorter than the attempt's
+                # apply: the rest of the exchange reads with the attempt's own limit.
+                connecting = exchange is not None and exchange.connecting
+                limit = Limit.CONNECT if connecting else Limit.ATTEMPT
         finally:
             timer.close()
         return Outcome(
@@ -200,25 +241,49 @@ class UpstreamClient:
             status=status,
             body=body,
             detail=detail,
+            limit=limit,
+            reconnected=exchange is not None and exchange.reconnected,
         )
 
+    def _send(self, prepared: requests.PreparedRequest, timeout: tuple[float, float]) -> Any:
+        return self._adapter.send(prepared, stream=True, timeout=timeout, verify=self._verify)
+
     def _exchange(
-        self, prepared: requests.PreparedRequest, limit_s: float | None
+        self,
+        prepared: requests.PreparedRequest,
+        number: int,
+        limit_s: float | None,
+        exchange: Exchange,
     ) -> tuple[Kind, int | None, bytes | None, str]:
         settings = self._settings
         # A backstop per socket operation; the real limits are the timers above.
         read_s = limit_s if limit_s is not None else settings.max_timeout_ms / 1000
-        response = self._adapter.send(
-            prepared,
-            stream=True,
-            timeout=(settings.connect_timeout_s, read_s),
-            verify=self._verify,
-        )
+        timeout = (settings.connect_timeout_s, read_s)
+        try:
+            response = self._send(prepared, timeout)
+        except requests.exceptions.ConnectionError:
+            if not exchange.stale:
+                raise
+            # The upstream closed the kept-alive connection as the request went out: it
+            # never saw the request. Failing the attempt would spend a hedge on this
+            # worker's timing; one new connection at once costs a handshake instead,
+            # within the attempt's own limits (docs/DESIGN.md).
+            exchange.reconnect()
+            if self._on_reconnect is not None:
+                self._on_reconnect(number)
+            response = self._send(prepared, timeout)
         cap = settings.max_body_bytes
         declared = response.headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) > cap:
-            response.close()
-            return Kind.BODY_TOO_LARGE, response.status_code, None, f"{declared} bytes"
+        if declared is not None:
+            length = content_length(declared)
+            if length is None:
+                # RFC 9112 section 6.3: an invalid length leaves the message's end
+                # unknown, an unrecoverable framing error; the connection is closed.
+                response.close()
+                return Kind.RESET, response.status_code, None, f"Content-Length {declared!r:.40}"
+            if length > cap:
+                response.close()
+                return Kind.BODY_TOO_LARGE, response.status_code, None, f"{length} bytes"
         # Reading the whole body, even of a failure, leaves the connection clean for
         # reuse; the cap keeps a huge or endless body from costing more. If the read
         # breaks (or the greenlet is killed), urllib3 closes that connection itself.
@@ -231,6 +296,20 @@ class UpstreamClient:
         if not is_valid_payload(body):
             return Kind.INVALID_PAYLOAD, 200, None, repr(body[:80])
         return Kind.SUCCESS, 200, body, ""
+
+
+def content_length(value: str) -> int | None:
+    """The length a Content-Length header declares; None when it declares none.
+
+    RFC 9110 section 8.6 allows ASCII digits only (``str.isdigit`` also takes "²",
+    which ``int`` refuses, and ``int`` takes "1_0" and " 7"), and a list of copies of
+    one value, as when the header is sent twice.
+    """
+    values = {item.strip() for item in value.split(",")}
+    if len(values) != 1:
+        return None
+    (digits,) = values
+    return int(digits) if digits.isascii() and digits.isdigit() else None
 
 
 def classify(exc: Exception) -> Kind:  # noqa: PLR0911 - one return per kind reads best
@@ -251,6 +330,18 @@ def classify(exc: Exception) -> Kind:  # noqa: PLR0911 - one return per kind rea
     if isinstance(exc, requests.exceptions.RequestException | Urllib3HTTPError | OSError):
         return Kind.RESET
     return Kind.ERROR
+
+
+def _connect_timed_out(exc: BaseException) -> bool:
+    """The TCP connect or the TLS handshake ran out of SMART_CONNECT_TIMEOUT_MS."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # requests wraps urllib3, which wraps the socket's error
+        if seen is None:
+            return False
+        if isinstance(seen, requests.exceptions.ConnectTimeout | TLSHandshakeTimeout):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _describe(exc: Exception) -> str:

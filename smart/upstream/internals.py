@@ -1,15 +1,18 @@
-"""Every private or undocumented urllib3 and requests name smart relies on, in one place.
+"""Every private or undocumented urllib3, requests and http.client name smart relies on,
+in one place.
 
-``transport.py`` and ``upstream.py`` reach below the public API for speed and for the
-hedge clock; they get those names from here. ``ASSUMPTIONS`` says what each relies on
+``transport.py`` and ``upstream.py`` reach below the public API for speed, for the
+hedge clock, to skip interim answers and to retry on a new connection; the names they
+use are checked here. ``ASSUMPTIONS`` says what each relies on
 and why, and ``check`` tests it against the installed libraries: the worker runs it at
 start (a changed library stops the worker with the assumption's name instead of
 misbehaving quietly), and ``tests/unit/test_internals.py`` runs it as one named test each.
-Imports urllib3 and requests only.
+Imports urllib3, requests and http.client only.
 """
 
 from __future__ import annotations
 
+import http.client
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,6 +120,19 @@ ASSUMPTIONS = (
         "HTTPConnectionPool.pool.queue",
         "the idle sweep and leak checks read the pool's idle connections",
         _pool_queue_holds_connections,
+    ),
+    Assumption(
+        "HTTPConnectionPool.urlopen calls self._get_conn()",
+        "an attempt sent again takes a new connection by overriding _get_conn",
+        lambda: "self._get_conn(" in _source(urllib3.connectionpool.HTTPConnectionPool.urlopen),
+    ),
+    Assumption(
+        "http.client: getresponse builds self.response_class, begin calls _read_status",
+        "transport skips interim (1xx) answers in its response class's _read_status",
+        lambda: (
+            "self.response_class(" in _source(http.client.HTTPConnection.getresponse)
+            and "self._read_status()" in _source(http.client.HTTPResponse.begin)
+        ),
     ),
     Assumption(
         "PoolManager.pool_classes_by_scheme",

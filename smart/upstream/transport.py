@@ -8,6 +8,7 @@ through ``internals``; knows nothing of attempts.
 
 from __future__ import annotations
 
+import http.client
 import select
 import socket
 import ssl
@@ -30,18 +31,56 @@ from smart.upstream.tls import remember_session
 #: The operating system's poll, even after gevent's patching: see ``is_connected``.
 _poll = get_original("select", "poll")
 
-#: What each watched attempt's greenlet is blocked on, from ``watch_attempt``: the
-#: socket and the poll(2) event that means the upstream has done its part.
-_watched: dict[Any, tuple[Any, int] | None] = {}
+
+class Exchange:
+    """What the transport saw of one watched attempt, for ``held_by_worker`` and for
+    the attempt to report which limit ended it."""
+
+    __slots__ = ("blocked_on", "connecting", "fresh", "headers_read", "reconnected", "reused")
+
+    def __init__(self) -> None:
+        #: The socket and the poll(2) event that means the upstream has done its part.
+        self.blocked_on: tuple[Any, int] | None = None
+        #: Inside ``connect``: the TCP connect, then the TLS handshake. A timeout there
+        #: is the connect limit's, whatever exception urllib3 makes of it (a handshake
+        #: that times out is raised as a *read* timeout).
+        self.connecting = False
+        #: The request went out on a kept-alive connection that had answered before.
+        self.reused = False
+        #: The answer's status line and headers arrived.
+        self.headers_read = False
+        #: Asked by the attempt: the next request must not take a pooled connection.
+        self.fresh = False
+        #: The attempt asked for that once already.
+        self.reconnected = False
+
+    @property
+    def stale(self) -> bool:
+        """The kept-alive connection failed before any answer: the upstream had closed it.
+
+        A server closes an idle connection whenever it likes (RFC 9112 section 9.6), so
+        a request can meet the close on its way. Nothing of it was answered, and a GET
+        is safe to send again (RFC 9110 section 9.2.2).
+        """
+        return self.reused and not self.headers_read
+
+    def reconnect(self) -> None:
+        """Send the next request on a new connection."""
+        self.fresh = self.reconnected = True
+        self.reused = self.headers_read = False
+
+
+#: The exchange of each watched attempt's greenlet, from ``watch_attempt``.
+_watched: dict[Any, Exchange] = {}
 
 
 @contextmanager
-def watch_attempt() -> Iterator[None]:
+def watch_attempt() -> Iterator[Exchange]:
     """Make the exchange run in this block visible to ``held_by_worker``."""
     current = getcurrent()
-    _watched[current] = None
+    exchange = _watched[current] = Exchange()
     try:
-        yield
+        yield exchange
     finally:
         del _watched[current]
 
@@ -54,10 +93,10 @@ def held_by_worker(greenlet: Any) -> bool:
     the upstream closed). Only this worker has yet to get round to it. False while
     the upstream has not done its part, and for a greenlet that is not watched.
     """
-    blocked_on = _watched.get(greenlet)
-    if blocked_on is None:
+    exchange = _watched.get(greenlet)
+    if exchange is None or exchange.blocked_on is None:
         return False
-    sock, event = blocked_on
+    sock, event = exchange.blocked_on
     if sock.fileno() < 0:
         return False
     poller = _poll()
@@ -67,9 +106,9 @@ def held_by_worker(greenlet: Any) -> bool:
 
 def _watch(sock: Any, event: int | None) -> None:
     """What the current (watched) greenlet blocks on next; None: nothing we can see."""
-    current = getcurrent()
-    if current in _watched:
-        _watched[current] = None if event is None else (sock, event)
+    exchange = _watched.get(getcurrent())
+    if exchange is not None:
+        exchange.blocked_on = None if event is None else (sock, event)
 
 
 def _addresses(host: str, port: int) -> list[tuple[Any, ...]]:
@@ -118,6 +157,37 @@ def _connect(address: tuple[str, int], timeout: Any, source: Any, options: Any) 
     raise error if error is not None else OSError("getaddrinfo returned no address")
 
 
+#: Interim (1xx) responses skipped before a final one; more is an upstream gone wrong,
+#: and ending it early frees the attempt sooner than its time limit would.
+MAX_INTERIM_RESPONSES = 8
+
+
+class InterimResponseError(http.client.HTTPException):
+    """The upstream sent a 101 nobody asked for, or interim responses without end."""
+
+
+class _FinalResponse(http.client.HTTPResponse):
+    """http.client's response, reading past every interim (1xx) response, not just 100.
+
+    RFC 9110 section 15.2: a client must skip 1xx responses it does not expect.
+    http.client skips only 100 Continue and takes a 103 Early Hints or 102 Processing
+    as the final answer, of length 0: the connection then goes back to the pool with
+    the real answer still on its way, and the next request on it reads that one.
+    """
+
+    def _read_status(self) -> tuple[str, int, str]:
+        for _ in range(MAX_INTERIM_RESPONSES + 1):
+            version, status, reason = super()._read_status()  # type: ignore[misc]
+            if not 100 <= status < 200:
+                return version, status, reason
+            if status == 101:
+                # Switching protocols is only an answer to an Upgrade, which smart never
+                # sends: what follows on this connection is not HTTP/1.1.
+                raise InterimResponseError("101 Switching Protocols without an Upgrade")
+            http.client.parse_headers(self.fp)
+        raise InterimResponseError(f"more than {MAX_INTERIM_RESPONSES} interim responses")
+
+
 class _AttemptWatch:
     """Shows ``held_by_worker`` the socket a watched attempt is connecting or reading."""
 
@@ -127,6 +197,8 @@ class _AttemptWatch:
     timeout: Any
     source_address: Any
     socket_options: Any
+    #: Answers read on the current socket; one that has answered is a kept-alive one.
+    answers = 0
 
     def _new_conn(self) -> socket.socket:
         if getcurrent() not in _watched:
@@ -146,9 +218,31 @@ class _AttemptWatch:
             message = f"Failed to establish a new connection: {exc}"
             raise NewConnectionError(self, message) from exc  # type: ignore[arg-type]
 
+    def connect(self) -> None:
+        self.answers = 0
+        exchange = _watched.get(getcurrent())
+        if exchange is None:
+            super().connect()  # type: ignore[misc]
+            return
+        exchange.connecting = True
+        super().connect()  # type: ignore[misc]
+        exchange.connecting = False
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        exchange = _watched.get(getcurrent())
+        if exchange is not None:
+            exchange.reused = self.sock is not None and self.answers > 0
+            exchange.headers_read = False
+        super().request(*args, **kwargs)  # type: ignore[misc]
+
     def getresponse(self) -> Any:
         _watch(self.sock, select.POLLIN)  # readable: the answer, or EOF, is here
-        return super().getresponse()  # type: ignore[misc]
+        response = super().getresponse()  # type: ignore[misc]
+        self.answers += 1
+        exchange = _watched.get(getcurrent())
+        if exchange is not None:
+            exchange.headers_read = True
+        return response
 
 
 class _LivenessCheck:
@@ -172,10 +266,12 @@ class _LivenessCheck:
 
 
 class _Connection(_AttemptWatch, _LivenessCheck, HTTPConnection):
-    pass
+    response_class = _FinalResponse
 
 
 class _TLSConnection(_AttemptWatch, _LivenessCheck, HTTPSConnection):
+    response_class = _FinalResponse
+
     def getresponse(self) -> Any:
         sock = self.sock  # http.client lets go of it when the answer closes the connection
         response = super().getresponse()
@@ -183,11 +279,26 @@ class _TLSConnection(_AttemptWatch, _LivenessCheck, HTTPSConnection):
         return response
 
 
-class _Pool(HTTPConnectionPool):
+class _FreshOnRequest:
+    """Gives a watched attempt that asked for it (``Exchange.reconnect``) a connection
+    of its own: a pooled one it takes is closed first, and urllib3 then reconnects it.
+    """
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        conn = super()._get_conn(timeout)  # type: ignore[misc]
+        exchange = _watched.get(getcurrent())
+        if exchange is not None and exchange.fresh:
+            exchange.fresh = False
+            if conn.sock is not None:
+                conn.close()
+        return conn
+
+
+class _Pool(_FreshOnRequest, HTTPConnectionPool):
     ConnectionCls = _Connection
 
 
-class _TLSPool(HTTPSConnectionPool):
+class _TLSPool(_FreshOnRequest, HTTPSConnectionPool):
     ConnectionCls = _TLSConnection
 
 

@@ -127,7 +127,7 @@ def test_a_tls_answer_read_in_part_waits_on_the_upstream_with_nothing_decrypted_
             # and blocks for the rest: the upstream's time, with nothing decrypted left.
             assert wait_until(lambda: not held_by_worker(attempt), PROMPTLY_S)
             assert not attempt.ready()
-            blocked_on = transport._watched[attempt]
+            blocked_on = transport._watched[attempt].blocked_on
             assert blocked_on is not None
             assert blocked_on[0].pending() == 0
 
