@@ -32,9 +32,9 @@ Layer = Callable[[], object]
 def layers(package: str, work_url: str) -> dict[str, Layer]:
     """One callable per layer, built from ``package`` (``smart`` or an exported copy)."""
     config = importlib.import_module(f"{package}.config")
-    upstream = importlib.import_module(f"{package}.upstream")
-    hedging = importlib.import_module(f"{package}.hedge")
-    outcome = importlib.import_module(f"{package}.outcome")
+    upstream = importlib.import_module(f"{package}.upstream.client")
+    hedging = importlib.import_module(f"{package}.hedging.hedge")
+    outcome = importlib.import_module(f"{package}.hedging.outcome")
     app_module = importlib.import_module(f"{package}.app")
     settings = config.Settings(upstream_url=work_url, log_requests=True)
     client = upstream.UpstreamClient(settings)
@@ -47,11 +47,10 @@ def layers(package: str, work_url: str) -> dict[str, Layer]:
 
     done = outcome.Outcome(1, success, 0.0, 0.0, 200, b'{"time": 1}')
     pool = Pool(100)
+    policy = hedging.HedgePolicy(delay_s=0.3, fanout=2)
 
     def hedge() -> None:
-        hedging.hedge(
-            lambda number, t0: done, pool=pool, hedge_delay_s=0.3, fanout=2, deadline_s=None
-        )
+        hedging.hedge(lambda number, t0: done, policy, pool=pool, deadline_s=None)
 
     app = app_module.create_app(settings)
     # The log line is formatted and written, to memory: the terminal's cost is not ours.

@@ -44,14 +44,10 @@ def smart() -> Response:
         with ClientWatch(request.environ.get("gunicorn.socket")) as client:
             result = hedge(
                 runtime.telemetry.instrument(fetch, span),
+                runtime.hedge_policy,
                 pool=runtime.pool,
-                hedge_delay_s=settings.hedge_delay_s,
-                fanout=settings.hedge_fanout,
                 deadline_s=None if timeout_ms is None else timeout_ms / 1000,
-                permit=None if runtime.budget is None else runtime.budget.permit,
                 t0=t0,
-                min_attempt_s=settings.min_attempt_s,
-                held_by_worker=runtime.client.held_by_worker,
                 cancel=client.gone,
             )
     except HedgeError as exc:

@@ -95,40 +95,56 @@ class _CancelSet(Exception):
     """Raised inside ``_Run`` when the ``cancel`` event is set."""
 
 
+@dataclass(frozen=True, slots=True)
+class HedgePolicy:
+    """When the hedges start, how many, and what may hold them back.
+
+    Built once per worker from the settings, like urllib3's ``Timeout`` and ``Retry``
+    values, and passed to every ``hedge`` call; what varies per request (the attempt,
+    its deadline, its start) is passed beside it.
+    """
+
+    delay_s: float  # the hedge delay
+    fanout: int  # hedges started at once; 0 turns hedging off
+    #: Start no attempt with less than this left before the deadline.
+    min_attempt_s: float = 0.0
+    #: A hedge budget: how many of the wanted hedges may start; None: all of them.
+    permit: Permit | None = None
+    #: Whether attempt 1 waits for this worker rather than the upstream (see ``hedge``).
+    held_by_worker: HeldByWorker | None = None
+
+
 def hedge(
     attempt: Attempt,
+    policy: HedgePolicy,
     *,
     pool: Spawner,
-    hedge_delay_s: float,
-    fanout: int,
     deadline_s: float | None,
-    permit: Permit | None = None,
     t0: float | None = None,
-    min_attempt_s: float = 0.0,
-    held_by_worker: HeldByWorker | None = None,
     cancel: Event | None = None,
 ) -> HedgeResult:
-    """Run attempt 1 now and ``fanout`` more at the hedge delay or at its failure.
+    """Run attempt 1 now and ``policy.fanout`` more at the hedge delay or at its failure.
 
     Returns as soon as one attempt succeeds; raises ``AllAttemptsFailed`` the moment
     no attempt is left running and none is left to start, and ``DeadlineExceeded``
     when ``deadline_s`` (seconds after ``t0``) passes first. Either way every attempt
     still running is killed, and its socket closed, before this returns.
 
-    No attempt starts with less than ``min_attempt_s`` left before the deadline: it
+    No attempt starts with less than ``policy.min_attempt_s`` left before the deadline: it
     could not succeed in time. When that rules out attempt 1, ``DeadlineExceeded`` is
     raised at once; when it rules out the hedges, they count as ``hedges_too_late``.
 
     The hedge delay measures the upstream, not this worker: it runs from the moment
     attempt 1 actually started, and when it is over while attempt 1 is held up by this
-    worker (``held_by_worker``: say, its answer has arrived unread), the hedges wait
+    worker (``policy.held_by_worker``: say, its answer has arrived unread), the hedges wait
     for the worker to catch up. A busy worker reads answers late; hedging them would
     multiply its load for nothing.
 
     When ``cancel`` is set before the request is decided, the attempts are killed at
     once and ``Cancelled`` is raised.
     """
-    run = _Run(attempt, pool, time.monotonic() if t0 is None else t0, deadline_s, min_attempt_s)
+    start = time.monotonic() if t0 is None else t0
+    run = _Run(attempt, pool, start, deadline_s, policy.min_attempt_s)
     deadline = gevent.Timeout(None if deadline_s is None else max(0.0, deadline_s - run.now()))
     failure: type[HedgeError] | None = None
     winner: Outcome | None = None
@@ -137,7 +153,7 @@ def hedge(
         if run.too_late():
             failure = DeadlineExceeded
         else:
-            winner = run.until_decided(hedge_delay_s, fanout, permit, held_by_worker, cancel)
+            winner = run.until_decided(policy, cancel)
             if winner is None:
                 failure = AllAttemptsFailed
     except _CancelSet:
@@ -222,27 +238,20 @@ class _Run:
         self.ran[number] = self.now()
         return self.attempt(number, self.t0)
 
-    def until_decided(
-        self,
-        hedge_delay_s: float,
-        fanout: int,
-        permit: Permit | None,
-        held_by_worker: HeldByWorker | None,
-        cancel: Event | None = None,
-    ) -> Outcome | None:
+    def until_decided(self, policy: HedgePolicy, cancel: Event | None = None) -> Outcome | None:
         """Wait for attempts until one succeeds (returned) or all failed (None);
         ``_CancelSet`` once ``cancel`` is set."""
         if cancel is not None and cancel.is_set():
             raise _CancelSet
         self.start(1)
         first = next(iter(self.running))
-        hedged = fanout == 0
+        hedged = policy.fanout == 0
         while self.running:
             timeout = None
             if not hedged:
-                timeout = self.until_hedge(first, hedge_delay_s, held_by_worker)
+                timeout = self.until_hedge(first, policy.delay_s, policy.held_by_worker)
                 if timeout == 0.0:  # the upstream has had its delay: hedge
-                    self.fire(Trigger.DELAY, fanout, permit)
+                    self.fire(Trigger.DELAY, policy)
                     hedged = True
                     timeout = None
             waited: list[Any] = list(self.running)
@@ -259,11 +268,12 @@ class _Run:
             if not hedged:
                 # A failed attempt 1 cannot succeed any more; waiting out the delay
                 # would only add latency (gRPC hedging does the same).
-                self.fire(Trigger.EARLY_FAILURE, fanout, permit)
+                self.fire(Trigger.EARLY_FAILURE, policy)
                 hedged = True
         return None
 
-    def fire(self, trigger: str, fanout: int, permit: Permit | None) -> None:
+    def fire(self, trigger: str, policy: HedgePolicy) -> None:
+        fanout, permit = policy.fanout, policy.permit
         if self.too_late():
             self.too_late_hedges += fanout
             return

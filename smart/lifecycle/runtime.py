@@ -18,6 +18,7 @@ from gevent import Greenlet
 from gevent.pool import Pool
 
 from smart.config import Settings
+from smart.hedging.hedge import HedgePolicy
 from smart.observability.telemetry import Telemetry
 from smart.protection import capacity, exhaustion
 from smart.protection.admission import HedgeBudget, InFlightLimiter, LagController
@@ -47,6 +48,7 @@ class Runtime:
     limiter: InFlightLimiter
     budget: HedgeBudget | None
     telemetry: Telemetry
+    hedge_policy: HedgePolicy  # the settings' hedging rules, with this worker's budget
     draining: bool = field(default=False)
     sweeper: Greenlet | None = field(default=None)
     lag_watch: Greenlet | None = field(default=None)
@@ -73,14 +75,22 @@ class Runtime:
                 settings.hedge_budget_min_per_s,
             )
         telemetry = Telemetry.build(settings, tracer_provider)
+        client = UpstreamClient(settings, on_reconnect=telemetry.reconnected)
         runtime = cls(
             settings=settings,
             capacity=limits,
-            client=UpstreamClient(settings, on_reconnect=telemetry.reconnected),
+            client=client,
             pool=Pool(settings.max_upstream_in_flight),
             limiter=InFlightLimiter(limits.max_in_flight),
             budget=budget,
             telemetry=telemetry,
+            hedge_policy=HedgePolicy(
+                delay_s=settings.hedge_delay_s,
+                fanout=settings.hedge_fanout,
+                min_attempt_s=settings.min_attempt_s,
+                permit=None if budget is None else budget.permit,
+                held_by_worker=client.held_by_worker,
+            ),
         )
         runtime.sweeper = gevent.spawn(_housekeeping, runtime.client, runtime.telemetry)
         runtime.unguard_accept = exhaustion.guard_accept(

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from simulator.process import SimulatorProcess
 from smart.edge.disconnect import ClientWatch
-from smart.hedging.hedge import Cancelled, hedge
+from smart.hedging.hedge import Cancelled, HedgePolicy, hedge
 from smart.hedging.outcome import Kind, Outcome
 from tests.support import Gunicorn, scrape_total, wait_until
 
@@ -54,7 +54,13 @@ def test_setting_cancel_kills_every_attempt_and_raises_cancelled() -> None:
 
     pool = Pool(10)
     with pytest.raises(Cancelled) as caught:
-        hedge(attempt, pool=pool, hedge_delay_s=0.3, fanout=2, deadline_s=60, cancel=cancel)
+        hedge(
+            attempt,
+            HedgePolicy(delay_s=0.3, fanout=2),
+            pool=pool,
+            deadline_s=60,
+            cancel=cancel,
+        )
     assert [o.kind for o in caught.value.result.outcomes] == [Kind.CANCELLED] * 3
     assert caught.value.result.elapsed_s < 0.3 + PROMPTLY_S
     assert pool.free_count() == pool.size
@@ -64,8 +70,13 @@ def test_a_request_cancelled_before_it_starts_starts_no_attempt() -> None:
     cancel = Event()
     cancel.set()
     with pytest.raises(Cancelled) as caught:
-        hedge(_hanging, pool=Pool(3), hedge_delay_s=0.3, fanout=2, deadline_s=None,
-              cancel=cancel)  # fmt: skip
+        hedge(
+            _hanging,
+            HedgePolicy(delay_s=0.3, fanout=2),
+            pool=Pool(3),
+            deadline_s=None,
+            cancel=cancel,
+        )  # fmt: skip
     assert caught.value.result.outcomes == ()
 
 

@@ -17,7 +17,7 @@ from gevent.pool import Pool
 
 from simulator import SimulatorProcess
 from smart.config import Settings
-from smart.hedging.hedge import HedgeResult, hedge
+from smart.hedging.hedge import HedgePolicy, HedgeResult, hedge
 from smart.upstream.client import UpstreamClient
 from smart.upstream.transport import held_by_worker
 
@@ -51,11 +51,9 @@ def test_an_answer_that_arrived_while_the_worker_was_busy_is_not_hedged(
         runner = gevent.spawn(
             hedge,
             lambda number, t0: client.fetch_once(number, t0, "rid-busy", limit_s=5.0),
+            HedgePolicy(delay_s=HEDGE_DELAY_S, fanout=2, held_by_worker=client.held_by_worker),
             pool=Pool(10),
-            hedge_delay_s=HEDGE_DELAY_S,
-            fanout=2,
             deadline_s=None,
-            held_by_worker=client.held_by_worker,
         )
         wait_for_calls(simulator, 1)
         blocking_sleep(BUSY_S)  # the answer arrives meanwhile; the hedge timer expires
@@ -76,11 +74,9 @@ def test_a_slow_upstream_is_still_hedged_at_the_delay(simulator: SimulatorProces
         started = time.monotonic()
         result = hedge(
             lambda number, t0: client.fetch_once(number, t0, "rid-slow", limit_s=5.0),
+            HedgePolicy(delay_s=HEDGE_DELAY_S, fanout=2, held_by_worker=client.held_by_worker),
             pool=Pool(10),
-            hedge_delay_s=HEDGE_DELAY_S,
-            fanout=2,
             deadline_s=None,
-            held_by_worker=client.held_by_worker,
         )
         took = time.monotonic() - started
     finally:

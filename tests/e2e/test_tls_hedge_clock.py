@@ -25,7 +25,7 @@ from gevent.pool import Pool
 
 from simulator import SimulatorProcess
 from smart.config import Settings
-from smart.hedging.hedge import hedge
+from smart.hedging.hedge import HedgePolicy, hedge
 from smart.upstream import transport
 from smart.upstream.client import UpstreamClient
 from smart.upstream.transport import held_by_worker
@@ -63,11 +63,9 @@ def test_a_tls_answer_that_arrived_while_the_worker_was_busy_is_not_hedged(
         runner = gevent.spawn(
             hedge,
             lambda number, t0: client.fetch_once(number, t0, "rid-tls-busy", limit_s=5.0),
+            HedgePolicy(delay_s=HEDGE_DELAY_S, fanout=2, held_by_worker=client.held_by_worker),
             pool=Pool(10),
-            hedge_delay_s=HEDGE_DELAY_S,
-            fanout=2,
             deadline_s=None,
-            held_by_worker=client.held_by_worker,
         )
         assert wait_until(lambda: sim.stats()["in_flight"] >= 1, PROMPTLY_S)
         blocking_sleep(BUSY_S)  # the answer arrives meanwhile; the hedge timer expires
@@ -87,11 +85,9 @@ def test_a_slow_tls_upstream_is_still_hedged_at_the_delay(sim: SimulatorProcess)
         started = time.monotonic()
         result = hedge(
             lambda number, t0: client.fetch_once(number, t0, "rid-tls-slow", limit_s=5.0),
+            HedgePolicy(delay_s=HEDGE_DELAY_S, fanout=2, held_by_worker=client.held_by_worker),
             pool=Pool(10),
-            hedge_delay_s=HEDGE_DELAY_S,
-            fanout=2,
             deadline_s=None,
-            held_by_worker=client.held_by_worker,
         )
         took = time.monotonic() - started
     finally:

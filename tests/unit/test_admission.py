@@ -19,7 +19,7 @@ from gevent.pool import Pool
 
 from smart.app import create_app
 from smart.config import Settings
-from smart.hedging.hedge import AllAttemptsFailed, DeadlineExceeded, HedgeResult, hedge
+from smart.hedging.hedge import AllAttemptsFailed, DeadlineExceeded, HedgePolicy, HedgeResult, hedge
 from smart.hedging.outcome import Kind, Outcome
 from smart.lifecycle.runtime import Runtime
 from smart.protection.admission import HedgeBudget, InFlightLimiter, LagController
@@ -364,11 +364,9 @@ def test_hedges_the_budget_refuses_are_counted_as_suppressed() -> None:
     with pytest.raises(AllAttemptsFailed) as caught:
         hedge(
             attempts,
+            HedgePolicy(delay_s=30.0, fanout=2, permit=hedges.permit),
             pool=Pool(10),
-            hedge_delay_s=30.0,
-            fanout=2,
             deadline_s=None,
-            permit=hedges.permit,
         )
     result = caught.value.result
     assert attempts.started == [1, 2]
@@ -381,11 +379,9 @@ def test_a_timeout_too_short_for_any_attempt_is_answered_at_once_without_one() -
     with pytest.raises(DeadlineExceeded) as caught:
         hedge(
             attempts,
+            HedgePolicy(delay_s=0.3, fanout=2, min_attempt_s=0.005),
             pool=Pool(10),
-            hedge_delay_s=0.3,
-            fanout=2,
             deadline_s=0.004,
-            min_attempt_s=0.005,
         )
     assert time.monotonic() - started < PROMPTLY_S
     assert attempts.started == []
@@ -395,11 +391,9 @@ def test_a_timeout_too_short_for_any_attempt_is_answered_at_once_without_one() -
 def test_a_timeout_as_long_as_the_shortest_attempt_still_gets_its_attempt() -> None:
     result = hedge(
         Attempts({1: ok}),
+        HedgePolicy(delay_s=0.3, fanout=2, min_attempt_s=5.0 - PROMPTLY_S),
         pool=Pool(10),
-        hedge_delay_s=0.3,
-        fanout=2,
         deadline_s=5.0,
-        min_attempt_s=5.0 - PROMPTLY_S,
     )
     assert isinstance(result, HedgeResult) and result.winner is not None
 
@@ -416,11 +410,9 @@ def test_hedges_after_an_early_failure_start_when_time_is_left() -> None:
     attempts = Attempts({1: failed, 2: ok, 3: ok})
     result = hedge(
         attempts,
+        HedgePolicy(delay_s=30.0, fanout=2, min_attempt_s=MIN_ATTEMPT_S),
         pool=Pool(10),
-        hedge_delay_s=30.0,
-        fanout=2,
         deadline_s=DEADLINE_S,
-        min_attempt_s=MIN_ATTEMPT_S,
     )
     assert sorted(attempts.started) == [1, 2, 3]
     assert result.hedges_too_late == 0
@@ -431,11 +423,9 @@ def test_hedges_too_late_to_succeed_are_not_started_and_the_failure_is_answered_
     with pytest.raises(AllAttemptsFailed) as caught:
         hedge(
             attempts,
+            HedgePolicy(delay_s=30.0, fanout=2, min_attempt_s=MIN_ATTEMPT_S),
             pool=Pool(10),
-            hedge_delay_s=30.0,
-            fanout=2,
             deadline_s=DEADLINE_S,
-            min_attempt_s=MIN_ATTEMPT_S,
         )
     result = caught.value.result
     assert attempts.started == [1]
@@ -449,11 +439,9 @@ def test_hedges_due_at_the_delay_with_too_little_time_left_leave_attempt_one_run
     attempts = Attempts({1: ok}, delays={1: 0.7})
     result = hedge(
         attempts,
+        HedgePolicy(delay_s=0.3, fanout=2, min_attempt_s=0.8),
         pool=Pool(10),
-        hedge_delay_s=0.3,
-        fanout=2,
         deadline_s=1.0,
-        min_attempt_s=0.8,
     )
     assert attempts.started == [1]
     assert result.hedges_too_late == 2

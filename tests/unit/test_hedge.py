@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import gevent
 import pytest
 from gevent.event import AsyncResult, Event
 from gevent.pool import Pool
 
-from smart.hedging.hedge import AllAttemptsFailed, DeadlineExceeded, HedgeResult, Trigger, hedge
+from smart.hedging.hedge import (
+    AllAttemptsFailed,
+    DeadlineExceeded,
+    HedgePolicy,
+    HedgeResult,
+    Trigger,
+    hedge,
+)
 from smart.hedging.outcome import Kind, Outcome
 
 #: A hedge delay short enough to keep the suite fast, long enough that a busy 2-core
@@ -56,15 +64,21 @@ class Script:
             self.cleaned_up.append(number)
 
 
-def run(script: Script, **kwargs: object) -> gevent.Greenlet:
-    params: dict[str, object] = {
-        "pool": Pool(10),
-        "hedge_delay_s": DELAY_S,
-        "fanout": 2,
-        "deadline_s": None,
-    }
-    params.update(kwargs)
-    return gevent.spawn(hedge, script.attempt, **params)
+def policy(**kwargs: Any) -> HedgePolicy:
+    """The contract's policy (``DELAY_S``, two hedges), with ``kwargs`` changed."""
+    kwargs.setdefault("delay_s", DELAY_S)
+    kwargs.setdefault("fanout", 2)
+    return HedgePolicy(**kwargs)
+
+
+#: ``run``'s keywords that belong to the policy rather than to the call.
+POLICY_FIELDS = {"delay_s", "fanout", "min_attempt_s", "permit", "held_by_worker"}
+
+
+def run(script: Script, **kwargs: Any) -> gevent.Greenlet:
+    rules = {k: kwargs.pop(k) for k in list(kwargs) if k in POLICY_FIELDS}
+    params: dict[str, Any] = {"pool": Pool(10), "deadline_s": None, **kwargs}
+    return gevent.spawn(hedge, script.attempt, policy(**rules), **params)
 
 
 def result_of(runner: gevent.Greenlet) -> HedgeResult:
@@ -100,7 +114,7 @@ def test_hedges_fire_at_the_delay_when_attempt_one_is_slow() -> None:
 
 def test_hedges_fire_immediately_when_the_first_attempt_fails() -> None:
     script = Script()
-    runner = run(script, hedge_delay_s=30.0)
+    runner = run(script, delay_s=30.0)
     script.release[1].set(failed)
     assert script.spawned.wait(timeout=PROMPTLY_S)
     script.release[2].set(ok)
@@ -179,7 +193,7 @@ def test_a_deadline_before_the_delay_means_no_hedges_unless_attempt_one_fails() 
 
 def test_fanout_zero_never_hedges() -> None:
     script = Script()
-    runner = run(script, fanout=0, hedge_delay_s=0.0)
+    runner = run(script, fanout=0, delay_s=0.0)
     script.release[1].set(failed)
     with pytest.raises(AllAttemptsFailed) as caught:
         runner.get(timeout=PROMPTLY_S)
@@ -210,7 +224,7 @@ def test_an_attempt_that_raises_becomes_an_error_outcome() -> None:
         raise RuntimeError("bug")
 
     with pytest.raises(AllAttemptsFailed) as caught:
-        hedge(broken, pool=Pool(10), hedge_delay_s=DELAY_S, fanout=2, deadline_s=None)
+        hedge(broken, policy(), pool=Pool(10), deadline_s=None)
     assert [o.kind for o in caught.value.result.outcomes] == [Kind.ERROR] * 3
 
 
@@ -232,7 +246,7 @@ def test_killing_one_requests_leftovers_leaves_other_requests_attempts_alone() -
 def test_a_foreign_timeout_is_not_mistaken_for_the_deadline() -> None:
     script = Script()
     with pytest.raises(gevent.Timeout), gevent.Timeout(DELAY_S / 2):
-        hedge(script.attempt, pool=Pool(10), hedge_delay_s=DELAY_S, fanout=2, deadline_s=60)
+        hedge(script.attempt, policy(), pool=Pool(10), deadline_s=60)
     assert script.cleaned_up == [1]
 
 
@@ -310,7 +324,7 @@ def test_the_hedges_fire_once_attempt_one_waits_on_the_upstream_again() -> None:
 
 def test_a_failed_attempt_one_still_hedges_at_once_while_answers_wait() -> None:
     script = Script()
-    runner = run(script, held_by_worker=Answers(), hedge_delay_s=30.0)
+    runner = run(script, held_by_worker=Answers(), delay_s=30.0)
     script.release[1].set(failed)
     assert script.spawned.wait(timeout=PROMPTLY_S)
     script.release[2].set(ok)
