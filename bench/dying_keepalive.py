@@ -18,12 +18,7 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
-import os  # noqa: E402
 import re  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -31,6 +26,7 @@ import gevent  # noqa: E402
 import requests  # noqa: E402
 from gevent.pool import Pool  # noqa: E402
 
+from harness.gunicorn import Gunicorn  # noqa: E402
 from tests.e2e.hostile import HostileUpstream, Request, response  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,34 +44,6 @@ def dying(close_after_s: float) -> object:
         return False
 
     return answer
-
-
-def start_smart(source: Path, upstream_url: str, log: Path) -> tuple[subprocess.Popen[str], int]:
-    env = {
-        **os.environ,
-        "GUNICORN_CMD_ARGS": "--bind 127.0.0.1:0 --workers 2",
-        "PYTHONPATH": str(source),
-        "SMART_UPSTREAM_URL": upstream_url,
-        "SMART_LOG_REQUESTS": "false",
-        "SMART_LOOP_LAG_TARGET_MS": "0",
-        "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="dying-metrics-"),
-    }
-    argv = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(argv, cwd=source, env=env, stdout=out, stderr=out, text=True)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if match := _LISTENING.search(log.read_text()):
-            port = int(match.group(1))
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok:
-                    gevent.sleep(1.0)  # the second worker's app, built after the first
-                    return proc, port
-            except requests.RequestException:
-                pass
-        gevent.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"smart did not start:\n{log.read_text()[-2000:]}")
 
 
 def main() -> None:
@@ -101,8 +69,14 @@ def main() -> None:
                 attempts += int(answer.headers.get("X-Smart-Attempts", "0"))
 
     with HostileUpstream(dying(args.close_after_ms / 1000)) as upstream:
-        log = Path(tempfile.mkstemp(prefix="dying-", suffix=".log")[1])
-        proc, port = start_smart(args.source.resolve(), upstream.work_url, log)
+        env = {
+            "SMART_UPSTREAM_URL": upstream.work_url,
+            "SMART_LOG_REQUESTS": "false",
+            "SMART_LOOP_LAG_TARGET_MS": "0",
+        }
+        server = Gunicorn(env, workers=2, root=args.source.resolve())
+        server.start()
+        port = server.port
         try:
             url = f"http://127.0.0.1:{port}/api/smart?timeout=2000"
             started = time.monotonic()
@@ -113,8 +87,7 @@ def main() -> None:
             elapsed = time.monotonic() - started
             metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
+            server.stop()
     done = sum(statuses.values())
     reconnects = sum(
         float(line.split()[-1])

@@ -20,10 +20,8 @@ monkey.patch_all()
 import argparse
 import collections
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,29 +32,22 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from harness.gunicorn import Gunicorn
+from harness.wrk import run_wrk
 from simulator.process import SimulatorProcess
-from tests.support import Gunicorn
 
 DURATION_S = 5
 PROBE_INTERVAL_S = 0.1
 
 
 def wrk(url: str, connections: int, duration_s: int = DURATION_S) -> dict[str, float]:
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency", url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    result = {"requests": total, "non_2xx": int(non_2xx.group(1)) if non_2xx else 0}
-    for pct in ("50", "99"):
-        match = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out)
-        if match:
-            scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[match.group(2)]
-            result[f"p{pct}_ms"] = float(match.group(1)) * scale
-    return result
+    load = run_wrk(url, connections, duration_s)
+    return {
+        "requests": load.requests,
+        "non_2xx": load.requests - sum(n for s, n in load.statuses.items() if s.startswith("2")),
+        "p50_ms": load.percentile(50),
+        "p99_ms": load.percentile(99),
+    }
 
 
 def cpu_s(pid: int) -> float:
@@ -76,6 +67,7 @@ def refusal() -> None:
                 "SMART_LOG_REQUESTS": log_requests,
                 # The cost of one refusal, not its pacing: no pause after a 503.
                 "SMART_REFUSAL_PAUSE_MS": "0",
+                "SMART_LOOP_LAG_TARGET_MS": "0",
             }
             with Gunicorn(env, workers=1) as server:
                 (pid,) = server.worker_pids()
@@ -97,7 +89,11 @@ def refusal() -> None:
 def hedges(levels: list[int], upstream_ms: int) -> None:
     """Closed-loop load below the hedge delay: every hedge at the delay is smart's own."""
     with SimulatorProcess(mode="fixed", fixed_ms=upstream_ms, failure_rate=0.0) as sim:
-        env = {"SMART_UPSTREAM_URL": sim.work_url, "SMART_LOG_REQUESTS": "false"}
+        env = {
+            "SMART_UPSTREAM_URL": sim.work_url,
+            "SMART_LOG_REQUESTS": "false",
+            "SMART_LOOP_LAG_TARGET_MS": "0",
+        }
         # SMART_* settings of the caller apply (e.g. SMART_HEDGE_BUDGET_RATIO=0.1).
         env.update({k: v for k, v in os.environ.items() if k.startswith("SMART_")})
         with Gunicorn(env, workers=1) as server:

@@ -20,8 +20,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.load import run_wrk
 from bench.processes import RAW, Server, usage
+from harness.wrk import run_wrk
 from simulator.process import SimulatorProcess
 
 #: Layers by the path py-spy prints for a frame's file. stdlib modules that are not a
@@ -90,7 +90,7 @@ def profile(
     RAW.mkdir(parents=True, exist_ok=True)
     with SimulatorProcess(mode="fixed", fixed_ms=100, failure_rate=0.0) as sim:
         env = {"SMART_UPSTREAM_URL": sim.work_url, **env}
-        with Server(server_kind, env, RAW / f"profile-{server_kind}.log", workers=1) as server:
+        with Server(server_kind, env, f"profile-{server_kind}", workers=1) as server:
             url = server.url + "/api/smart"
             run_wrk(url, connections, 2)
             (worker,) = server.worker_pids()

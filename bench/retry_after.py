@@ -15,8 +15,8 @@ import time
 
 import requests
 
-from bench.load import run_wrk
 from bench.processes import RAW, Server, usage
+from harness.wrk import run_wrk
 from simulator.process import SimulatorProcess
 
 CAP = 8
@@ -53,7 +53,7 @@ def main() -> None:
                 "SMART_REFUSAL_PAUSE_MAX_MS": pause_max,
                 "SMART_LOG_REQUESTS": "false",
             }
-            with Server("smart", env, RAW / "retry_after.log", workers=1) as server:
+            with Server("smart", env, "retry_after", workers=1) as server:
                 url = server.url + "/api/smart"
                 # Fill the worker: requests that hang until their client hangs up.
                 fill = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(CAP)]

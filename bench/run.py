@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import ideal, report
-from bench.load import REQUEST_TIMEOUT_S, LoadResult, run_wrk
 from bench.processes import RAW, RESULTS, Server, usage
+from harness.wrk import REQUEST_TIMEOUT_S, LoadResult, run_wrk
 from simulator.process import SimulatorProcess
 
 #: After wrk stops: long enough for the server to see every client close and finish
@@ -224,7 +224,7 @@ SIM_MODES: dict[str, dict[str, object]] = {
 @contextmanager
 def serving(kind: str, simulator: SimulatorProcess, env: dict[str, str]) -> Iterator[Server]:
     env = {"SMART_UPSTREAM_URL": simulator.work_url, **env}
-    with Server(kind, env, RAW / f"{kind}.log") as server:
+    with Server(kind, env, kind) as server:
         yield server
     settle(simulator)
 

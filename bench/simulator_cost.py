@@ -14,17 +14,14 @@ versions can be compared in one session under the same load.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from bench.load import SCRIPT
+from harness.wrk import run_wrk
 from simulator.process import SimulatorProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,24 +41,6 @@ HEADERS = {
     "X-Request-ID": "3f2b9c4e8a1d4f6b9e7c2a5d8b1e4f7a",
     "X-Smart-Attempt": "1",
 }
-
-
-def run_wrk(
-    url: str, connections: int, duration_s: float, headers: dict[str, str]
-) -> dict[str, Any]:
-    """wrk's report (bench/wrk_report.lua's JSON) for one closed-loop run."""
-    argv = ["wrk", f"-t{1 if connections < 100 else 2}", f"-c{connections}"]
-    argv += [f"-d{duration_s:g}s", f"--timeout={REQUEST_TIMEOUT_S:g}s", "-s", str(SCRIPT)]
-    for name, value in headers.items():
-        argv += ["-H", f"{name}: {value}"]
-    done = subprocess.run(
-        [*argv, url], capture_output=True, text=True, timeout=duration_s + 30, check=False
-    )
-    line = next((x for x in done.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
-    if done.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr}\n{done.stdout}")
-    report: dict[str, Any] = json.loads(line.removeprefix("WRK_JSON "))
-    return report
 
 
 def cpu_seconds(pid: int) -> float:
@@ -85,20 +64,19 @@ def measure(
 ) -> Run:
     """One point: wrk for ``duration_s`` after a warm-up; CPU per call and call rate."""
     assert sim.pid is not None
-    run_wrk(sim.work_url, connections, WARMUP_S, headers)
+    run_wrk(sim.work_url, connections, WARMUP_S, REQUEST_TIMEOUT_S, headers)
     sim.reset()
     calls_before, cpu_before = sim.stats()["calls"], cpu_seconds(sim.pid)
-    report = run_wrk(sim.work_url, connections, duration_s, headers)
+    load = run_wrk(sim.work_url, connections, duration_s, REQUEST_TIMEOUT_S, headers)
     cpu = cpu_seconds(sim.pid) - cpu_before
     # The stats request is not a call; its own CPU is well under a millisecond.
     calls = sim.stats()["calls"] - calls_before
-    errors = report["errors"]
     return Run(
         cpu_us_per_call=cpu * 1e6 / calls if calls else float("nan"),
         calls_per_s=calls / duration_s,
-        p50_ms=report["latency_us"]["percentiles"]["50"] / 1000,
-        statuses=report["statuses"],
-        socket_errors=sum(n for kind, n in errors.items() if kind != "status"),
+        p50_ms=load.percentile(50),
+        statuses=load.statuses,
+        socket_errors=sum(load.socket_errors.values()),
     )
 
 

@@ -55,14 +55,15 @@ class Gunicorn:
         extra_args: str = "",
         tmp_path: Path | None = None,
         nofile: int | None = None,
+        root: Path = ROOT,
     ) -> None:
         """``nofile``: start gunicorn under ``ulimit -n nofile`` (soft and hard), the
-        descriptor limit its workers then inherit."""
+        descriptor limit its workers then inherit. ``root``: the tree to run."""
         self.env = {
             **os.environ,
             **env,
             "GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:0 --workers {workers} {extra_args}".strip(),
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": str(root),
         }
         if tmp_path is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="smart-gunicorn-")
@@ -72,6 +73,7 @@ class Gunicorn:
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.workers = workers
         self.app = app
+        self.root = root
         self.nofile = nofile
         self.stdout_path = tmp_path / "stdout.log"
         self.stderr_path = tmp_path / "stderr.log"
@@ -101,7 +103,7 @@ class Gunicorn:
         if self.nofile is not None:
             argv = ["sh", "-c", f'ulimit -n {self.nofile} && exec "$@"', "sh", *argv]
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
-            self.proc = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=out, stderr=err)
+            self.proc = subprocess.Popen(argv, cwd=self.root, env=self.env, stdout=out, stderr=err)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -1,5 +1,9 @@
 """Closed-loop load with wrk: a fixed number of connections, each sending its next
 request as soon as the previous answer arrives, for a bounded time.
+
+The one wrk runner of the benchmark and the tools beside it; ``wrk_report.lua``
+reports every status, socket error and latency percentile as one JSON line, and the
+server's own time of each 200 (its ``Server-Timing`` total).
 """
 
 from __future__ import annotations
@@ -7,6 +11,7 @@ from __future__ import annotations
 import json
 import resource
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,7 +75,11 @@ def threads_for(connections: int) -> int:
 
 
 def run_wrk(
-    url: str, connections: int, duration_s: float, timeout_s: float = REQUEST_TIMEOUT_S
+    url: str,
+    connections: int,
+    duration_s: float,
+    timeout_s: float = REQUEST_TIMEOUT_S,
+    headers: Mapping[str, str] | None = None,
 ) -> LoadResult:
     argv = [
         "wrk",
@@ -80,8 +89,10 @@ def run_wrk(
         f"--timeout={timeout_s:g}s",
         "-s",
         str(SCRIPT),
-        url,
     ]
+    for name, value in (headers or {}).items():
+        argv += ["-H", f"{name}: {value}"]
+    argv.append(url)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(
         argv, capture_output=True, text=True, timeout=duration_s + GRACE_S, check=False
