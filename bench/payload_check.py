@@ -13,7 +13,7 @@ import json
 import time
 import timeit
 
-from smart.upstream.client import is_valid_payload
+from smart.upstream.payload import is_valid_payload
 
 #: Calls per round and rounds per payload: a few seconds in all.
 CALLS = 100_000

@@ -1,44 +1,32 @@
 """The upstream client: one HTTP attempt in, one ``Outcome`` out, never an exception.
 
-Owns the worker's ``requests.Session`` and decides what counts as success. Knows
-nothing of hedging or Flask.
+Owns the worker's ``requests.Session``; what counts as success is ``payload.py``'s,
+what a failure means ``failures.py``'s. Knows nothing of hedging or Flask.
 """
 
 from __future__ import annotations
 
-import json
 import select
-import ssl
 import time
 from collections.abc import Callable, Mapping
 from http.cookiejar import DefaultCookiePolicy
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import urlsplit
 
 import gevent
 import requests
 from gevent import monkey
 from requests.structures import CaseInsensitiveDict
-from urllib3.exceptions import (
-    HTTPError as Urllib3HTTPError,
-)
-from urllib3.exceptions import (
-    NameResolutionError,
-    NewConnectionError,
-)
-from urllib3.exceptions import (
-    ReadTimeoutError as Urllib3ReadTimeout,
-)
-from urllib3.exceptions import (
-    SSLError as Urllib3SSLError,
-)
 
 from smart.config import Settings
 from smart.hedging.outcome import Kind, Limit, Outcome
 from smart.upstream import internals
+from smart.upstream.exchange import Exchange, held_by_worker, watch_attempt
+from smart.upstream.failures import classify, connect_timed_out, describe
 from smart.upstream.internals import idle_queue
-from smart.upstream.tls import TLSHandshakeTimeout, upstream_tls_context
-from smart.upstream.transport import Exchange, UpstreamAdapter, held_by_worker, watch_attempt
+from smart.upstream.payload import content_length, is_valid_payload
+from smart.upstream.tls import upstream_tls_context
+from smart.upstream.transport import UpstreamAdapter
 
 ATTEMPT_HEADER = "X-Smart-Attempt"
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -46,49 +34,6 @@ REQUEST_ID_HEADER = "X-Request-ID"
 #: another greenlet, which could take that connection out of the pool meanwhile.
 _POLL = monkey.get_original("select", "poll")
 _READABLE = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
-
-
-def _refuse_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ValueError("duplicate object key")
-    return obj
-
-
-#: RFC 8259 parsing, stricter than ``json.loads``: that one accepts NaN and Infinity
-#: and keeps the last of duplicate keys, so a payload with ``"time"`` twice would be
-#: read one way here and maybe another by the client (JavaScript's JSON.parse rejects
-#: NaN; other parsers keep the first duplicate).
-_STRICT = json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
-
-
-def is_valid_payload(body: bytes) -> bool:
-    """True for a JSON object whose ``time`` is a non-negative integer (not a bool).
-
-    RFC 8259 requires UTF-8 between systems, so anything else is rejected rather than
-    guessed at, and the body can be passed through to the client byte for byte. Also
-    refused: NaN and Infinity, duplicate keys (in any object), and a ``\\u`` escape of
-    a lone surrogate, which is no Unicode character and which strict parsers reject.
-    """
-    try:
-        text = body.decode("utf-8")
-        payload = _STRICT.decode(text)
-        if "\\" in text:
-            # Surrogates can only come from \u escapes (strict UTF-8 decoding refuses
-            # them raw), and a lone one cannot be encoded back: only bodies with an
-            # escape pay for it. A one-character search is a memchr, ~15x cheaper than
-            # searching for the two characters of the escape (bench/payload_check.py).
-            json.dumps(payload, ensure_ascii=False).encode("utf-8")
-    except (ValueError, RecursionError):  # UnicodeError and JSONDecodeError included
-        return False
-    if not isinstance(payload, dict):
-        return False
-    value = payload.get("time")
-    return type(value) is int and value >= 0
 
 
 class UpstreamClient:
@@ -223,8 +168,8 @@ class UpstreamClient:
             kind, body, detail = Kind.TIMEOUT, None, f"no answer within {limit_s:g} s"
             limit = Limit.ATTEMPT
         except Exception as exc:  # noqa: BLE001 - an attempt reports, it never raises
-            kind, body, detail = classify(exc), None, _describe(exc)
-            if _connect_timed_out(exc):
+            kind, body, detail = classify(exc), None, describe(exc)
+            if connect_timed_out(exc):
                 limit = Limit.CONNECT  # a connect_error, or a tls_error of the handshake
             elif kind is Kind.TIMEOUT:
                 # Only while connecting does a socket timeout shorter than the attempt's
@@ -296,73 +241,3 @@ class UpstreamClient:
         if not is_valid_payload(body):
             return Kind.INVALID_PAYLOAD, 200, None, repr(body[:80])
         return Kind.SUCCESS, 200, body, ""
-
-
-def content_length(value: str) -> int | None:
-    """The length a Content-Length header declares; None when it declares none.
-
-    RFC 9110 section 8.6 allows ASCII digits only (``str.isdigit`` also takes "²",
-    which ``int`` refuses, and ``int`` takes "1_0" and " 7"), and a list of copies of
-    one value, as when the header is sent twice.
-    """
-    values = {item.strip() for item in value.split(",")}
-    if len(values) != 1:
-        return None
-    (digits,) = values
-    return int(digits) if digits.isascii() and digits.isdigit() else None
-
-
-def classify(exc: Exception) -> Kind:  # noqa: PLR0911 - one return per kind reads best
-    """Map what requests/urllib3 raised during an attempt to an outcome kind."""
-    # First: requests' SSLError is a ConnectionError, and a certificate the upstream's
-    # CA bundle does not vouch for is not a network problem.
-    if isinstance(exc, requests.exceptions.SSLError | Urllib3SSLError | ssl.SSLError):
-        return Kind.TLS_ERROR
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return Kind.CONNECT_ERROR
-    if isinstance(exc, requests.exceptions.ReadTimeout | Urllib3ReadTimeout | TimeoutError):
-        return Kind.TIMEOUT
-    if isinstance(exc, requests.exceptions.ConnectionError):
-        reason = getattr(exc.args[0], "reason", None) if exc.args else None
-        if isinstance(reason, NewConnectionError | NameResolutionError):
-            return Kind.CONNECT_ERROR
-        return Kind.RESET
-    if isinstance(exc, requests.exceptions.RequestException | Urllib3HTTPError | OSError):
-        return Kind.RESET
-    return Kind.ERROR
-
-
-def _connect_timed_out(exc: BaseException) -> bool:
-    """The TCP connect or the TLS handshake ran out of SMART_CONNECT_TIMEOUT_MS."""
-    seen: BaseException | None = exc
-    for _ in range(8):  # requests wraps urllib3, which wraps the socket's error
-        if seen is None:
-            return False
-        if isinstance(seen, requests.exceptions.ConnectTimeout | TLSHandshakeTimeout):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _describe(exc: Exception) -> str:
-    reason = _ssl_reason(exc)
-    if reason is not None:
-        # The wrappers' text (pool, URL, "Max retries exceeded") would push OpenSSL's
-        # reason, the part the on-call engineer needs, past the cut.
-        exc = reason
-    return f"{type(exc).__name__}: {exc}"[:300]
-
-
-def _ssl_reason(exc: BaseException) -> ssl.SSLError | None:
-    """The ``ssl`` error under requests' and urllib3's wrappers, if there is one."""
-    seen: list[BaseException] = []
-    todo: list[object] = [exc]
-    while todo and len(seen) < 16:
-        item = todo.pop()
-        if not isinstance(item, BaseException) or any(item is s for s in seen):
-            continue
-        if isinstance(item, ssl.SSLError):
-            return item
-        seen.append(item)
-        todo += [item.__cause__, item.__context__, getattr(item, "reason", None), *item.args]
-    return None

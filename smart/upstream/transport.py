@@ -3,7 +3,7 @@ that smart never uses.
 
 CPU spent in the HTTP client is the throughput ceiling of a worker (docs/PERFORMANCE.md
 measures each piece). Imports requests and urllib3 only, and their private names only
-through ``internals``; knows nothing of attempts.
+through ``internals``; what it sees of an attempt goes into its ``exchange.Exchange``.
 """
 
 from __future__ import annotations
@@ -12,12 +12,9 @@ import http.client
 import select
 import socket
 import ssl
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import requests
-from gevent import getcurrent
 from gevent.monkey import get_original
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -25,90 +22,12 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util.connection import allowed_gai_family
 
+from smart.upstream.exchange import current_exchange, watch_socket
 from smart.upstream.internals import DEFAULT_TIMEOUT, dns_host
 from smart.upstream.tls import remember_session
 
 #: The operating system's poll, even after gevent's patching: see ``is_connected``.
 _poll = get_original("select", "poll")
-
-
-class Exchange:
-    """What the transport saw of one watched attempt, for ``held_by_worker`` and for
-    the attempt to report which limit ended it."""
-
-    __slots__ = ("blocked_on", "connecting", "fresh", "headers_read", "reconnected", "reused")
-
-    def __init__(self) -> None:
-        #: The socket and the poll(2) event that means the upstream has done its part.
-        self.blocked_on: tuple[Any, int] | None = None
-        #: Inside ``connect``: the TCP connect, then the TLS handshake. A timeout there
-        #: is the connect limit's, whatever exception urllib3 makes of it (a handshake
-        #: that times out is raised as a *read* timeout).
-        self.connecting = False
-        #: The request went out on a kept-alive connection that had answered before.
-        self.reused = False
-        #: The answer's status line and headers arrived.
-        self.headers_read = False
-        #: Asked by the attempt: the next request must not take a pooled connection.
-        self.fresh = False
-        #: The attempt asked for that once already.
-        self.reconnected = False
-
-    @property
-    def stale(self) -> bool:
-        """The kept-alive connection failed before any answer: the upstream had closed it.
-
-        A server closes an idle connection whenever it likes (RFC 9112 section 9.6), so
-        a request can meet the close on its way. Nothing of it was answered, and a GET
-        is safe to send again (RFC 9110 section 9.2.2).
-        """
-        return self.reused and not self.headers_read
-
-    def reconnect(self) -> None:
-        """Send the next request on a new connection."""
-        self.fresh = self.reconnected = True
-        self.reused = self.headers_read = False
-
-
-#: The exchange of each watched attempt's greenlet, from ``watch_attempt``.
-_watched: dict[Any, Exchange] = {}
-
-
-@contextmanager
-def watch_attempt() -> Iterator[Exchange]:
-    """Make the exchange run in this block visible to ``held_by_worker``."""
-    current = getcurrent()
-    exchange = _watched[current] = Exchange()
-    try:
-        yield exchange
-    finally:
-        del _watched[current]
-
-
-def held_by_worker(greenlet: Any) -> bool:
-    """True when the watched attempt in ``greenlet`` waits for this process, not the upstream.
-
-    It is blocked on a socket event the kernel already has: the connection it is
-    opening is established (or refused), or the answer it is reading has arrived (or
-    the upstream closed). Only this worker has yet to get round to it. False while
-    the upstream has not done its part, and for a greenlet that is not watched.
-    """
-    exchange = _watched.get(greenlet)
-    if exchange is None or exchange.blocked_on is None:
-        return False
-    sock, event = exchange.blocked_on
-    if sock.fileno() < 0:
-        return False
-    poller = _poll()
-    poller.register(sock, event)
-    return bool(poller.poll(0))
-
-
-def _watch(sock: Any, event: int | None) -> None:
-    """What the current (watched) greenlet blocks on next; None: nothing we can see."""
-    exchange = _watched.get(getcurrent())
-    if exchange is not None:
-        exchange.blocked_on = None if event is None else (sock, event)
 
 
 def _addresses(host: str, port: int) -> list[tuple[Any, ...]]:
@@ -140,11 +59,11 @@ def _connect(address: tuple[str, int], timeout: Any, source: Any, options: Any) 
                 sock.settimeout(timeout)
             if source:
                 sock.bind(source)
-            _watch(sock, select.POLLOUT)  # writable: connected, or refused
+            watch_socket(sock, select.POLLOUT)  # writable: connected, or refused
             sock.connect(target)
             # Connected. What follows until the answer's headers (a TLS handshake,
             # sending the request) waits on the upstream, or on nothing: unwatched.
-            _watch(sock, None)
+            watch_socket(sock, None)
             return sock
         except OSError as exc:
             error = exc
@@ -201,7 +120,7 @@ class _AttemptWatch:
     answers = 0
 
     def _new_conn(self) -> socket.socket:
-        if getcurrent() not in _watched:
+        if current_exchange() is None:
             return super()._new_conn()  # type: ignore[misc, no-any-return]
         # urllib3's own error mapping, around a connect the watch can see.
         try:
@@ -220,7 +139,7 @@ class _AttemptWatch:
 
     def connect(self) -> None:
         self.answers = 0
-        exchange = _watched.get(getcurrent())
+        exchange = current_exchange()
         if exchange is None:
             super().connect()  # type: ignore[misc]
             return
@@ -229,17 +148,17 @@ class _AttemptWatch:
         exchange.connecting = False
 
     def request(self, *args: Any, **kwargs: Any) -> None:
-        exchange = _watched.get(getcurrent())
+        exchange = current_exchange()
         if exchange is not None:
             exchange.reused = self.sock is not None and self.answers > 0
             exchange.headers_read = False
         super().request(*args, **kwargs)  # type: ignore[misc]
 
     def getresponse(self) -> Any:
-        _watch(self.sock, select.POLLIN)  # readable: the answer, or EOF, is here
+        watch_socket(self.sock, select.POLLIN)  # readable: the answer, or EOF, is here
         response = super().getresponse()  # type: ignore[misc]
         self.answers += 1
-        exchange = _watched.get(getcurrent())
+        exchange = current_exchange()
         if exchange is not None:
             exchange.headers_read = True
         return response
@@ -286,7 +205,7 @@ class _FreshOnRequest:
 
     def _get_conn(self, timeout: float | None = None) -> Any:
         conn = super()._get_conn(timeout)  # type: ignore[misc]
-        exchange = _watched.get(getcurrent())
+        exchange = current_exchange()
         if exchange is not None and exchange.fresh:
             exchange.fresh = False
             if conn.sock is not None:

@@ -19,7 +19,7 @@ from simulator import SimulatorProcess
 from smart.config import Settings
 from smart.hedging.hedge import HedgePolicy, HedgeResult, hedge
 from smart.upstream.client import UpstreamClient
-from smart.upstream.transport import held_by_worker
+from smart.upstream.exchange import held_by_worker
 
 #: The simulator's fixed latency: well inside the hedge delay.
 UPSTREAM_MS = 100

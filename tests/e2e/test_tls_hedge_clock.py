@@ -26,9 +26,9 @@ from gevent.pool import Pool
 from simulator import SimulatorProcess
 from smart.config import Settings
 from smart.hedging.hedge import HedgePolicy, hedge
-from smart.upstream import transport
+from smart.upstream import exchange
 from smart.upstream.client import UpstreamClient
-from smart.upstream.transport import held_by_worker
+from smart.upstream.exchange import held_by_worker
 from tests.support import wait_until
 
 UPSTREAM_MS = 100
@@ -123,7 +123,7 @@ def test_a_tls_answer_read_in_part_waits_on_the_upstream_with_nothing_decrypted_
             # and blocks for the rest: the upstream's time, with nothing decrypted left.
             assert wait_until(lambda: not held_by_worker(attempt), PROMPTLY_S)
             assert not attempt.ready()
-            blocked_on = transport._watched[attempt].blocked_on
+            blocked_on = exchange._watched[attempt].blocked_on
             assert blocked_on is not None
             assert blocked_on[0].pending() == 0
 

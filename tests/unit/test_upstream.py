@@ -15,7 +15,9 @@ from urllib3.exceptions import NameResolutionError, NewConnectionError, Protocol
 
 from smart.config import Settings
 from smart.hedging.outcome import Kind, Outcome
-from smart.upstream.client import UpstreamClient, classify, is_valid_payload
+from smart.upstream.client import UpstreamClient
+from smart.upstream.failures import classify
+from smart.upstream.payload import is_valid_payload
 
 URL = "http://upstream.test/api/work"
 
