@@ -85,6 +85,27 @@ class InterimResponseError(http.client.HTTPException):
     """The upstream sent a 101 nobody asked for, or interim responses without end."""
 
 
+class TruncatedHeadError(http.client.HTTPException):
+    """The upstream closed the connection inside the answer's header section."""
+
+
+class _LastLine:
+    """A response's ``fp`` while its head is read: ``readline`` remembers its last line."""
+
+    __slots__ = ("fp", "last")
+
+    def __init__(self, fp: Any) -> None:
+        self.fp = fp
+        self.last = b""
+
+    def readline(self, limit: int = -1) -> bytes:
+        self.last = line = self.fp.readline(limit)
+        return bytes(line)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fp, name)  # close(), when http.client gives up on the answer
+
+
 class _FinalResponse(http.client.HTTPResponse):
     """http.client's response, reading past every interim (1xx) response, not just 100.
 
@@ -93,6 +114,25 @@ class _FinalResponse(http.client.HTTPResponse):
     as the final answer, of length 0: the connection then goes back to the pool with
     the real answer still on its way, and the next request on it reads that one.
     """
+
+    def begin(self) -> None:
+        """http.client's ``begin``, refusing a header section cut off by end of file.
+
+        http.client ends the headers at the blank line or at end of file alike, so an
+        upstream that closes halfway through its headers looks like a complete 200 with
+        an empty body: an invalid payload, where the truth is a broken answer.
+        """
+        if self.headers is not None:
+            return
+        fp = self.fp
+        head = self.fp = _LastLine(fp)
+        try:
+            super().begin()
+        finally:
+            if self.fp is head:  # None once http.client closed the connection
+                self.fp = fp
+        if head.last not in (b"\r\n", b"\n"):
+            raise TruncatedHeadError("the connection closed inside the answer's headers")
 
     def _read_status(self) -> tuple[str, int, str]:
         for _ in range(MAX_INTERIM_RESPONSES + 1):

@@ -176,13 +176,17 @@ NOT_HTTP = {
     + b'{"time": 1}',
     "bad-gzip": b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 11\r\n\r\n"
     + b'{"time": 1}',
+    # The header section cut off by the upstream's close: no blank line, no body.
+    "head-cut-off": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n",
 }
+#: The answers after which the upstream closes the connection (the others keep it).
+CLOSED_AFTER = {"head-cut-off"}
 
 
 def test_answers_that_are_not_usable_http_are_resets_never_errors(tmp_path: Path) -> None:
     def answer(request: Request) -> bool:
         request.send(NOT_HTTP[request.request_id])
-        return True
+        return request.request_id not in CLOSED_AFTER
 
     with HostileUpstream(answer) as upstream, smart_for(upstream, tmp_path) as server:
         for name in NOT_HTTP:
