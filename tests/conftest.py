@@ -26,9 +26,14 @@ SIMULATOR_DEFAULTS: dict[str, object] = {"mode": "fixed", "fixed_ms": 20, "failu
 
 @pytest.fixture(scope="module")
 def simulator(request: pytest.FixtureRequest) -> Iterator[SimulatorProcess]:
-    """The module's simulated upstream, with the options of its ``simulator`` marker."""
+    """The module's simulated upstream, with the options of its ``simulator`` marker and,
+    when the module parametrizes it (``indirect=True``), of the parameter."""
     marker = request.node.get_closest_marker("simulator")
-    options = {**SIMULATOR_DEFAULTS, **(marker.kwargs if marker else {})}
+    options = {
+        **SIMULATOR_DEFAULTS,
+        **(marker.kwargs if marker else {}),
+        **getattr(request, "param", {}),
+    }
     with SimulatorProcess(**options) as process:
         yield process
 

@@ -1,12 +1,16 @@
 """The whole service over real sockets: gunicorn's gevent workers in front of the
 simulated upstream in its own process, both on 127.0.0.1.
 
+Every test runs twice: against a plain-HTTP upstream and against an HTTPS one whose
+certificate comes from a CA made for the run (the production upstream is HTTPS).
 Timing is read from the simulator's own record of when each attempt arrived, so the
 test measures what the upstream saw, not what the test process happened to notice.
+TLS-only behaviour (trust, resumption, handshake faults) is in test_tls*.py.
 """
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 import gevent
@@ -23,6 +27,11 @@ HEDGE_DELAY_S = 0.3
 #: contract's conformance check allows ±40 ms; scheduling stalls on a shared machine
 #: running gunicorn, the simulator and the tests at once reach beyond that.
 TOLERANCE_S = 0.1
+#: The contract's conformance check: hedges within 40 ms of the delay. Single
+#: requests get ``TOLERANCE_S`` (a stall can hit any one); the median of
+#: ``HEDGE_SAMPLES`` holds to this.
+CONFORMANCE_TOLERANCE_S = 0.04
+HEDGE_SAMPLES = 5
 #: The contract: leftover attempts' connections are closed within 1 s of the answer.
 CANCEL_WITHIN_S = 1.0
 #: Requests per leak check; enough for pools and caches to reach their steady state.
@@ -32,12 +41,25 @@ LEAK_REQUESTS = 300
 FD_SLACK = 40
 
 
-pytestmark = pytest.mark.usefixtures("clean_simulator")
+pytestmark = [
+    pytest.mark.parametrize(
+        "simulator", [{}, {"tls": True}], ids=["http", "https"], indirect=True, scope="module"
+    ),
+    pytest.mark.usefixtures("clean_simulator"),
+]
+
+
+def upstream_env(simulator: SimulatorProcess, **settings: str) -> dict[str, str]:
+    """smart's settings for this simulator: its URL and, over HTTPS, the run's CA."""
+    env = {"SMART_UPSTREAM_URL": simulator.work_url, **settings}
+    if simulator.tls:
+        env["SMART_UPSTREAM_CA_BUNDLE"] = simulator.ca_path
+    return env
 
 
 @pytest.fixture(scope="module")
 def server(simulator: SimulatorProcess, module_servers: Servers) -> Gunicorn:
-    return module_servers.start({"SMART_UPSTREAM_URL": simulator.work_url}, workers=2)
+    return module_servers.start(upstream_env(simulator), workers=2)
 
 
 def get(server: Gunicorn, query: str = "", **kwargs: Any) -> requests.Response:
@@ -110,14 +132,19 @@ def test_hedges_start_at_the_delay_when_the_first_attempt_is_slow(
             "3": {"kind": "ok", "delay_ms": 100},
         }
     )
-    response = get(server, "?timeout=5000", headers={"X-Request-ID": "slow-first"})
-    assert response.status_code == 200
-    assert response.headers["X-Smart-Attempts"] == "3"
-    assert response.headers["X-Smart-Winner"] in {"2", "3"}
-    calls = calls_by_attempt(simulator, "slow-first")
-    for hedge in (2, 3):
-        offset = calls[hedge]["started"] - calls[1]["started"]
-        assert HEDGE_DELAY_S - TOLERANCE_S / 4 <= offset <= HEDGE_DELAY_S + TOLERANCE_S
+    offsets = []
+    for n in range(HEDGE_SAMPLES):
+        request_id = f"slow-first-{n}"
+        response = get(server, "?timeout=5000", headers={"X-Request-ID": request_id})
+        assert response.status_code == 200, response.text
+        assert response.headers["X-Smart-Attempts"] == "3"
+        assert response.headers["X-Smart-Winner"] in {"2", "3"}
+        calls = calls_by_attempt(simulator, request_id)
+        for hedge in (2, 3):
+            offset = calls[hedge]["started"] - calls[1]["started"]
+            assert HEDGE_DELAY_S - TOLERANCE_S / 4 <= offset <= HEDGE_DELAY_S + TOLERANCE_S
+            offsets.append(offset)
+    assert abs(statistics.median(offsets) - HEDGE_DELAY_S) <= CONFORMANCE_TOLERANCE_S
 
 
 def test_hedges_start_at_once_when_the_first_attempt_fails(
@@ -323,11 +350,7 @@ def test_health_never_touches_the_upstream(server: Gunicorn, simulator: Simulato
 
 @pytest.fixture(scope="module")
 def bounded_server(simulator: SimulatorProcess, module_servers: Servers) -> Gunicorn:
-    env = {
-        "SMART_UPSTREAM_URL": simulator.work_url,
-        "SMART_ATTEMPT_TIMEOUT_MS": "600",
-        "SMART_HEDGE_DELAY_MS": "30",
-    }
+    env = upstream_env(simulator, SMART_ATTEMPT_TIMEOUT_MS="600", SMART_HEDGE_DELAY_MS="30")
     return module_servers.start(env, workers=2)
 
 
