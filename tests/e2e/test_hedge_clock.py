@@ -34,6 +34,19 @@ blocking_sleep = get_original("time", "sleep")
 
 pytestmark = pytest.mark.simulator(mode="fixed", fixed_ms=UPSTREAM_MS, failure_rate=0.0)
 
+#: The tests against the simulator run over plain HTTP and over TLS, where
+#: ``held_by_worker`` polls the raw socket under the TLS layer.
+OVER_HTTP_AND_HTTPS = pytest.mark.parametrize(
+    "simulator", [{}, {"tls": True}], ids=["http", "https"], indirect=True, scope="module"
+)
+
+
+def client_of(simulator: SimulatorProcess) -> UpstreamClient:
+    """A client of the simulator, trusting the run's CA when it serves HTTPS."""
+    return UpstreamClient(
+        Settings(upstream_url=simulator.work_url, upstream_ca_bundle=simulator.ca_path)
+    )
+
 
 def wait_for_calls(simulator: SimulatorProcess, in_flight: int) -> None:
     deadline = time.monotonic() + PROMPTLY_S
@@ -42,11 +55,12 @@ def wait_for_calls(simulator: SimulatorProcess, in_flight: int) -> None:
         gevent.sleep(0.005)
 
 
+@OVER_HTTP_AND_HTTPS
 def test_an_answer_that_arrived_while_the_worker_was_busy_is_not_hedged(
     simulator: SimulatorProcess,
 ) -> None:
     simulator.reset()
-    client = UpstreamClient(Settings(upstream_url=simulator.work_url))
+    client = client_of(simulator)
     try:
         runner = gevent.spawn(
             hedge,
@@ -66,10 +80,11 @@ def test_an_answer_that_arrived_while_the_worker_was_busy_is_not_hedged(
     assert simulator.stats()["calls"] == 1
 
 
+@OVER_HTTP_AND_HTTPS
 def test_a_slow_upstream_is_still_hedged_at_the_delay(simulator: SimulatorProcess) -> None:
     simulator.reset()
     simulator.by_attempt({1: {"kind": "ok", "delay_ms": 2000}})
-    client = UpstreamClient(Settings(upstream_url=simulator.work_url))
+    client = client_of(simulator)
     try:
         started = time.monotonic()
         result = hedge(

@@ -1,12 +1,14 @@
 """The hedge clock over TLS: ``held_by_worker`` polls the raw socket under the TLS layer.
 
-Two ways that could go wrong. An answer already decrypted and buffered inside the SSL
-object leaves the raw socket unreadable: were an attempt blocked with such an answer,
-the poll would say "the upstream's time" and the hedges would fire for nothing. And
-bytes of TLS that are not the answer could make the socket look readable and hold
-the hedges off. Neither happens: gevent's SSL socket waits on the raw socket only
-after OpenSSL said it wants more (nothing decrypted is pending then), and every
-readable state ends as soon as the worker runs the attempt.
+The busy-worker and slow-upstream cases run over TLS in test_hedge_clock.py; this
+module has what only TLS has. Two ways that could go wrong. An answer already
+decrypted and buffered inside the SSL object leaves the raw socket unreadable: were
+an attempt blocked with such an answer, the poll would say "the upstream's time" and
+the hedges would fire for nothing. And bytes of TLS that are not the answer could
+make the socket look readable and hold the hedges off. Neither happens: gevent's SSL
+socket waits on the raw socket only after OpenSSL said it wants more (nothing
+decrypted is pending then), and every readable state ends as soon as the worker runs
+the attempt.
 """
 
 from __future__ import annotations
@@ -14,87 +16,22 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import gevent
-import pytest
 import trustme
-from gevent.monkey import get_original
-from gevent.pool import Pool
 
-from simulator import SimulatorProcess
 from smart.config import Settings
-from smart.hedging.hedge import HedgePolicy, hedge
 from smart.upstream import exchange
 from smart.upstream.client import UpstreamClient
 from smart.upstream.exchange import held_by_worker
 from tests.support import wait_until
 
-UPSTREAM_MS = 100
-HEDGE_DELAY_S = 0.3
-#: The "busy worker" blocks the process past the hedge delay, with a margin.
-BUSY_S = 0.6
 PROMPTLY_S = 5.0
 #: http.client reads the socket through an 8 KiB buffered reader: an answer head and
 #: body sent as one TLS record of 12 KiB cannot be taken out of OpenSSL in one read.
 FIRST_RECORD_BYTES = 12 * 1024
 BODY_BYTES = 14 * 1024  # under SMART_MAX_BODY_BYTES; the rest comes in a second record
-
-blocking_sleep = get_original("time", "sleep")
-
-
-@pytest.fixture(scope="module")
-def sim() -> Iterator[SimulatorProcess]:
-    with SimulatorProcess(tls=True, mode="fixed", fixed_ms=UPSTREAM_MS, failure_rate=0.0) as p:
-        yield p
-
-
-def client_of(sim: SimulatorProcess) -> UpstreamClient:
-    return UpstreamClient(Settings(upstream_url=sim.work_url, upstream_ca_bundle=sim.ca_path))
-
-
-def test_a_tls_answer_that_arrived_while_the_worker_was_busy_is_not_hedged(
-    sim: SimulatorProcess,
-) -> None:
-    sim.reset()
-    client = client_of(sim)
-    try:
-        runner = gevent.spawn(
-            hedge,
-            lambda number, t0: client.fetch_once(number, t0, "rid-tls-busy", limit_s=5.0),
-            HedgePolicy(delay_s=HEDGE_DELAY_S, fanout=2, held_by_worker=client.held_by_worker),
-            pool=Pool(10),
-            deadline_s=None,
-        )
-        assert wait_until(lambda: sim.stats()["in_flight"] >= 1, PROMPTLY_S)
-        blocking_sleep(BUSY_S)  # the answer arrives meanwhile; the hedge timer expires
-        result = runner.get(timeout=PROMPTLY_S)
-    finally:
-        client.close()
-    assert result.attempts_started == 1
-    assert result.trigger is None
-    assert sim.stats()["calls"] == 1
-
-
-def test_a_slow_tls_upstream_is_still_hedged_at_the_delay(sim: SimulatorProcess) -> None:
-    sim.reset()
-    sim.by_attempt({1: {"kind": "ok", "delay_ms": 2000}})
-    client = client_of(sim)
-    try:
-        started = time.monotonic()
-        result = hedge(
-            lambda number, t0: client.fetch_once(number, t0, "rid-tls-slow", limit_s=5.0),
-            HedgePolicy(delay_s=HEDGE_DELAY_S, fanout=2, held_by_worker=client.held_by_worker),
-            pool=Pool(10),
-            deadline_s=None,
-        )
-        took = time.monotonic() - started
-    finally:
-        client.close()
-    assert result.attempts_started == 3
-    assert result.winner is not None and result.winner.attempt in (2, 3)
-    assert took < 2.0  # the hedges answered, not the slow attempt 1
 
 
 def test_a_tls_answer_read_in_part_waits_on_the_upstream_with_nothing_decrypted_left(
